@@ -1,0 +1,31 @@
+// SPDX-License-Identifier: Apache-2.0
+// Entry points of the CPU attention kernels, one set per ISA tier (see csrc/cpu_isa.cpp),
+// instantiated for T = float and double in csrc/attention/cpu/kernels/attention_kernel.cpp.
+#pragma once
+#include "tilefuse/attention/mask.h"
+#include "tilefuse/attention/params.h"
+
+namespace tilefuse::cpu {
+
+/// Query and key tile sizes of the CPU main loop (rows of Q, columns of K^T per step).
+constexpr index_t kAttnTileQ = 64;
+constexpr index_t kAttnTileK = 128;
+
+#define TF_DECLARE_ATTENTION_KERNELS(ns)                                                       \
+  namespace ns {                                                                             \
+  template <class T>                                                                         \
+  void attention_fwd_dense(const AttentionParams<T>& p, const ParallelRunner& r);            \
+  template <class T>                                                                         \
+  void attention_fwd_band(const AttentionParams<T>& p, const BandMask::Args& m,               \
+                          const ParallelRunner& r);                                          \
+  template <class T>                                                                         \
+  void attention_bwd_dense(const AttentionParams<T>& p, const ParallelRunner& r);            \
+  template <class T>                                                                         \
+  void attention_bwd_band(const AttentionParams<T>& p, const BandMask::Args& m,               \
+                          const ParallelRunner& r);                                          \
+  }
+TF_DECLARE_ATTENTION_KERNELS(generic)
+TF_DECLARE_ATTENTION_KERNELS(avx2)
+#undef TF_DECLARE_ATTENTION_KERNELS
+
+}  // namespace tilefuse::cpu

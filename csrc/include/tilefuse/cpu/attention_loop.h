@@ -1,0 +1,223 @@
+// SPDX-License-Identifier: Apache-2.0
+// The tiled attention main loop on CPU (forward and backward), templated on a mask policy
+// (tilefuse/attention/mask.h). Included by the ISA-tier kernel files only.
+#pragma once
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "tilefuse/attention/params.h"
+#include "tilefuse/cpu/attention.h"
+#include "tilefuse/cpu/gemm.h"
+#include "tilefuse/cpu/vec.h"
+
+namespace tilefuse::cpu::TF_ISA_NS {
+namespace attn_detail {
+
+constexpr index_t BQ = kAttnTileQ, BK = kAttnTileK;
+template <class T>
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+/// Runs work(item, scratch) for items [0, n) with dynamic scheduling (causal and windowed
+/// tiles cost different amounts), one Scratch per worker thread.
+template <class Scratch, class Work>
+void for_each_item(const ParallelRunner& r, index_t n, const Scratch& proto, const Work& work) {
+  std::atomic<index_t> next{0};
+  const index_t workers = imax(1, imin(r.num_threads, n));
+  r.run(workers, [&](index_t) {
+    Scratch s = proto;
+    for (index_t it = next.fetch_add(1); it < n; it = next.fetch_add(1)) work(it, s);
+  });
+}
+
+/// Sets masked elements of a logits tile to -inf: elements the policy forbids (partial tiles
+/// only) and the ragged columns [kn, kn16) past the end of the keys.
+template <class Mask, class T>
+void mask_tile(const Mask& mask, int state, T* S, index_t qm, index_t kn, index_t kn16,
+               index_t q0, index_t k0) {
+  for (index_t i = 0; i < qm; ++i) {
+    T* row = S + i * BK;
+    if (state == kTilePartial)
+      for (index_t j = 0; j < kn; ++j)
+        if (!mask.allowed(q0 + i, k0 + j)) row[j] = kNegInf<T>;
+    for (index_t j = kn; j < kn16; ++j) row[j] = kNegInf<T>;
+  }
+}
+
+template <class T>
+struct FwdScratch {
+  std::vector<T> S, O, m, l, alpha;
+};
+
+template <class Mask, class T>
+void fwd_tile(const AttentionParams<T>& p, const typename Mask::Args& margs, index_t h, index_t b,
+              index_t qt, FwdScratch<T>& s) {
+  const index_t hk = h / (p.H / p.Hkv);
+  constexpr int W = VecTraits<T>::W;
+  const index_t qbeg = p.cu_q[b], Sq = p.cu_q[b + 1] - qbeg;
+  const index_t kbeg = p.cu_k[b], Sk = p.cu_k[b + 1] - kbeg;
+  const Mask mask = Mask::make(margs, Sq, Sk);
+  const index_t q0 = qt * BQ, qm = imin(BQ, Sq - q0);
+  const T* Q = p.q + (h * p.Tq + qbeg + q0) * p.Dp;
+  const T* KT = p.kt + hk * p.D * p.ldkt + kbeg;
+  const T* V = p.v + (hk * p.Tk + kbeg) * p.Dvp;
+  T *S = s.S.data(), *O = s.O.data(), *m = s.m.data(), *l = s.l.data();
+  T* alpha = s.alpha.data();
+  for (index_t i = 0; i < qm; ++i) {
+    m[i] = kNegInf<T>;
+    l[i] = 0;
+  }
+  std::fill(O, O + qm * p.Dvp, T(0));
+
+  index_t klo, khi;
+  mask.key_range(q0, q0 + qm, klo, khi);
+  for (index_t k0 = (klo / BK) * BK; k0 < khi; k0 += BK) {
+    const index_t kn = imin(BK, Sk - k0);
+    const int state = mask.tile(q0, q0 + qm, k0, k0 + kn);
+    if (state == kTileSkip) continue;
+    const index_t kn16 = round_up(kn, 16);
+    gemm<GemmOut::kStore>(qm, kn16, p.D, Q, p.Dp, 1, KT + k0, p.ldkt, S, BK);
+    if (state == kTilePartial || kn16 != kn) mask_tile(mask, state, S, qm, kn, kn16, q0, k0);
+    for (index_t i = 0; i < qm; ++i) {
+      T* row = S + i * BK;
+      vec_t<T> mx = splatv(kNegInf<T>);
+      for (index_t j = 0; j < kn16; j += W) mx = vmax<T>(mx, loadv(row + j));
+      const T rmax = hmax<T>(mx);
+      const T mnew = rmax > m[i] ? rmax : m[i];
+      if (mnew == kNegInf<T>) {  // every key so far masked for this row
+        alpha[i] = 1;
+        std::fill(row, row + kn16, T(0));
+        continue;
+      }
+      alpha[i] = std::exp2(m[i] - mnew);
+      vec_t<T> sum{};
+      for (index_t j = 0; j < kn16; j += W) {
+        const vec_t<T> e = exp2v(loadv(row + j) - mnew);
+        storev(row + j, e);
+        sum += e;
+      }
+      l[i] = l[i] * alpha[i] + hsum<T>(sum);
+      m[i] = mnew;
+    }
+    gemm<GemmOut::kScaleAccumulate>(qm, p.Dvp, kn, S, BK, 1, V + k0 * p.Dvp, p.Dvp, O,
+                                        p.Dvp, alpha);
+  }
+  for (index_t i = 0; i < qm; ++i) {
+    const index_t t = qbeg + q0 + i;
+    T* orow = p.o + (t * p.H + h) * p.Dv;
+    if (l[i] == 0) {  // no visible key: output 0, LSE -inf (documented)
+      std::fill(orow, orow + p.Dv, T(0));
+      p.lse[t * p.H + h] = kNegInf<T>;
+      continue;
+    }
+    const T inv = T(1) / l[i];
+    for (index_t c = 0; c < p.Dv; ++c) orow[c] = O[i * p.Dvp + c] * inv;
+    p.lse[t * p.H + h] = (m[i] + std::log2(l[i])) * T(kLn2d);
+  }
+}
+
+template <class Mask, class T>
+void attention_fwd(const AttentionParams<T>& p, const typename Mask::Args& margs,
+                   const ParallelRunner& r) {
+  // Items are (head, query tile) pairs; tile_start[b] is the first tile of sequence b.
+  std::vector<index_t> tile_start(p.B + 1, 0);
+  for (index_t b = 0; b < p.B; ++b)
+    tile_start[b + 1] = tile_start[b] + ceil_div(p.cu_q[b + 1] - p.cu_q[b], BQ);
+  const index_t tiles = tile_start[p.B];
+  FwdScratch<T> proto;
+  proto.S.resize(BQ * BK);
+  proto.O.resize(BQ * p.Dvp);
+  proto.m.resize(BQ);
+  proto.l.resize(BQ);
+  proto.alpha.resize(BQ);
+  for_each_item(r, p.H * tiles, proto, [&](index_t it, FwdScratch<T>& s) {
+    const index_t h = it / tiles, t = it % tiles;
+    index_t b = 0;
+    while (tile_start[b + 1] <= t) ++b;  // B is small next to the tile work
+    fwd_tile<Mask>(p, margs, h, b, t - tile_start[b], s);
+  });
+}
+
+template <class T>
+struct BwdScratch {
+  std::vector<T> S, dP, dK, dV;
+};
+
+template <class Mask, class T>
+void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, index_t h, index_t b,
+              index_t chunk, BwdScratch<T>& s) {
+  const index_t hk = h / (p.H / p.Hkv);
+  constexpr int W = VecTraits<T>::W;
+  const index_t qbeg = p.cu_q[b], Sq = p.cu_q[b + 1] - qbeg;
+  const index_t kbeg = p.cu_k[b], Sk = p.cu_k[b + 1] - kbeg;
+  const Mask mask = Mask::make(margs, Sq, Sk);
+  const index_t nkt = ceil_div(Sk, BK);
+  const index_t kt_begin = chunk * nkt / p.n_kv_chunks, kt_end = (chunk + 1) * nkt / p.n_kv_chunks;
+  const T* Qh = p.q + (h * p.Tq + qbeg) * p.Dp;
+  const T* dOh = p.dout + (h * p.Tq + qbeg) * p.Dvp;
+  const T* KT = p.kt + hk * p.D * p.ldkt + kbeg;
+  const T* VT = p.vt + hk * p.Dv * p.ldvt + kbeg;
+  const T* K = p.k + (hk * p.Tk + kbeg) * p.Dp;
+  T* dQ = p.dq + ((chunk * p.H + h) * p.Tq + qbeg) * p.Dp;
+  T *S = s.S.data(), *dP = s.dP.data(), *dK = s.dK.data(), *dV = s.dV.data();
+
+  for (index_t kt = kt_begin; kt < kt_end; ++kt) {
+    const index_t k0 = kt * BK, kn = imin(BK, Sk - k0), kn16 = round_up(kn, 16);
+    std::fill(dK, dK + kn * p.Dp, T(0));
+    std::fill(dV, dV + kn * p.Dvp, T(0));
+    index_t qlo, qhi;
+    mask.query_range(k0, k0 + kn, qlo, qhi);
+    for (index_t q0 = (qlo / BQ) * BQ; q0 < qhi; q0 += BQ) {
+      const index_t qm = imin(BQ, Sq - q0);
+      const int state = mask.tile(q0, q0 + qm, k0, k0 + kn);
+      if (state == kTileSkip) continue;
+      const T* Q = Qh + q0 * p.Dp;
+      const T* dO = dOh + q0 * p.Dvp;
+      gemm<GemmOut::kStore>(qm, kn16, p.D, Q, p.Dp, 1, KT + k0, p.ldkt, S, BK);
+      if (state == kTilePartial || kn16 != kn) mask_tile(mask, state, S, qm, kn, kn16, q0, k0);
+      // P = exp(s - lse), in base 2; rows without any visible key have lse = -inf and P = 0.
+      for (index_t i = 0; i < qm; ++i) {
+        const T lse = p.lse_in[(qbeg + q0 + i) * p.H + h];
+        const T lse2 = lse == kNegInf<T> ? std::numeric_limits<T>::infinity() : lse * T(kLog2ed);
+        T* row = S + i * BK;
+        for (index_t j = 0; j < kn16; j += W) storev(row + j, exp2v(loadv(row + j) - lse2));
+      }
+      gemm<GemmOut::kAccumulate>(kn, p.Dvp, qm, S, 1, BK, dO, p.Dvp, dV, p.Dvp);
+      gemm<GemmOut::kStore>(qm, kn16, p.Dv, dO, p.Dvp, 1, VT + k0, p.ldvt, dP, BK);
+      for (index_t i = 0; i < qm; ++i) {
+        const T delta = p.delta[(qbeg + q0 + i) * p.H + h];
+        T* ds = dP + i * BK;
+        const T* pr = S + i * BK;
+        for (index_t j = 0; j < kn16; j += W) storev(ds + j, loadv(pr + j) * (loadv(ds + j) - delta));
+      }
+      // Only the first kn columns of dS feed the reductions (the ragged tail may hold garbage).
+      gemm<GemmOut::kAccumulate>(kn, p.Dp, qm, dP, 1, BK, Q, p.Dp, dK, p.Dp);
+      gemm<GemmOut::kAccumulate>(qm, p.Dp, kn, dP, BK, 1, K + k0 * p.Dp, p.Dp,
+                                     dQ + q0 * p.Dp, p.Dp);
+    }
+    // q was pre-scaled by scale*log2(e); dK = scale * dS^T q = ln2 * dS^T q_buffer.
+    T* dKo = p.dk + (h * p.Tk + kbeg + k0) * p.Dp;
+    T* dVo = p.dv + (h * p.Tk + kbeg + k0) * p.Dvp;
+    for (index_t i = 0; i < kn * p.Dp; ++i) dKo[i] = dK[i] * T(kLn2d);
+    std::copy(dV, dV + kn * p.Dvp, dVo);
+  }
+}
+
+template <class Mask, class T>
+void attention_bwd(const AttentionParams<T>& p, const typename Mask::Args& margs,
+                   const ParallelRunner& r) {
+  BwdScratch<T> proto;
+  proto.S.resize(BQ * BK);
+  proto.dP.resize(BQ * BK);
+  proto.dK.resize(BK * p.Dp);
+  proto.dV.resize(BK * p.Dvp);
+  const index_t per_head = p.B * p.n_kv_chunks;
+  for_each_item(r, p.H * per_head, proto, [&](index_t it, BwdScratch<T>& s) {
+    const index_t h = it / per_head, rest = it % per_head;
+    bwd_item<Mask>(p, margs, h, rest / p.n_kv_chunks, rest % p.n_kv_chunks, s);
+  });
+}
+
+}  // namespace attn_detail
+}  // namespace tilefuse::cpu::TF_ISA_NS

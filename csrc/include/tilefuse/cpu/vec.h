@@ -1,0 +1,95 @@
+// SPDX-License-Identifier: Apache-2.0
+// 32-byte vectors written with GCC vector extensions: one source that compiles to AVX2+FMA in
+// the avx2 tier and to pairs of SSE2 ops in the generic tier. fp32 is the fast path (8 lanes);
+// fp64 (4 lanes) exists so that gradcheck can run the same kernels in double. CPU only.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace tilefuse::cpu {
+
+template <class T>
+struct VecTraits;
+template <>
+struct VecTraits<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef float unaligned __attribute__((vector_size(32), aligned(4)));
+  static constexpr int W = 8;
+};
+template <>
+struct VecTraits<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef double unaligned __attribute__((vector_size(32), aligned(8)));
+  static constexpr int W = 4;
+};
+template <class T>
+using vec_t = typename VecTraits<T>::type;
+
+template <class T>
+static inline vec_t<T> loadv(const T* p) {
+  return *reinterpret_cast<const typename VecTraits<T>::unaligned*>(p);
+}
+template <class T>
+static inline void storev(T* p, vec_t<T> v) {
+  *reinterpret_cast<typename VecTraits<T>::unaligned*>(p) = v;
+}
+template <class T>
+static inline vec_t<T> splatv(T s) {
+  return vec_t<T>{} + s;
+}
+template <class T>
+static inline vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
+  return a > b ? a : b;
+}
+template <class T>
+static inline T hmax(vec_t<T> v) {
+  T m = v[0];
+  for (int i = 1; i < VecTraits<T>::W; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+template <class T>
+static inline T hsum(vec_t<T> v) {
+  T s = 0;
+  for (int i = 0; i < VecTraits<T>::W; ++i) s += v[i];
+  return s;
+}
+
+/// \brief 2^x for 8 floats, relative error < 2e-7 over the normal range. x < -127 gives
+/// exactly 0 (so masked logits of -inf vanish); NaN stays NaN.
+static inline vec_t<float> exp2v(vec_t<float> x) {
+  using v8f = vec_t<float>;
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  const v8f lo = splatv(-127.f), hi = splatv(127.99f);
+  v8f xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const v8f t = xc + magic;
+  const v8f n = t - magic;
+  const v8f f = xc - n;  // in [-0.5, 0.5]
+  // 2^f = e^(f ln2): Taylor to degree 7 (error ~ (0.347)^8 / 8! < 2e-8).
+  v8f p = splatv(1.5252733804059840e-05f);
+  p = p * f + 1.5403530393381609e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.6181291076284772e-03f;
+  p = p * f + 5.5504108664821580e-02f;
+  p = p * f + 2.4022650695910071e-01f;
+  p = p * f + 6.9314718055994531e-01f;
+  p = p * f + 1.0f;
+  v8i ti;
+  std::memcpy(&ti, &t, sizeof(ti));
+  const v8i e = (ti - 0x4B400000 + 127) << 23;
+  v8f scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  const v8f r = p * scale;
+  return x < lo ? v8f{} : r;
+}
+
+/// \brief 2^x for 4 doubles: libm per lane (the fp64 path is for checking, not speed).
+static inline vec_t<double> exp2v(vec_t<double> x) {
+  vec_t<double> r;
+  for (int i = 0; i < 4; ++i) r[i] = std::exp2(x[i]);
+  return r;
+}
+
+}  // namespace tilefuse::cpu

@@ -1,0 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The only Python that touches ``torch.ops.tilefuse``: fake impls and autograd per family."""
+
+from . import attention  # noqa: F401
