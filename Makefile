@@ -1,0 +1,55 @@
+# SPDX-License-Identifier: Apache-2.0
+# One-command set-up: `make test` / `make demo` create .venv if missing, install torch==2.13.0
+# (the CPU wheel; never an unpinned torch, which would pull GBs of CUDA packages) and the build
+# requirements, build the extension, then run.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+NVCC ?= nvcc
+CUDA_ARCHS ?= 80 90a
+CUTLASS_INCLUDE ?= $(shell $(PY) -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'))" 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: all venv build test demo bench cuda-check clean
+
+all: build
+
+$(VENV)/.deps-stamp:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
+	$(PIP) install --quiet --disable-pip-version-check numpy scikit-build-core ninja cmake pytest
+	touch $@
+
+venv: $(VENV)/.deps-stamp
+
+build: venv
+	$(PIP) install --quiet --disable-pip-version-check --no-build-isolation --no-deps .
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: build
+	$(PY) bench/demo.py
+
+bench: build
+	$(PY) bench/bench_attention.py
+
+# Compile every CUDA source for sm_80 and sm_90a without linking (no GPU needed).
+cuda-check: venv
+	@files=$$(find csrc -name '*.cu' | sort); \
+	if [ -z "$$files" ]; then echo "cuda-check: no .cu sources yet"; exit 0; fi; \
+	tinc=$$($(PY) -c "import torch.utils.cpp_extension as c; print(' '.join('-I'+p for p in c.include_paths()))"); \
+	for f in $$files; do \
+	  for a in $(CUDA_ARCHS); do \
+	    echo "nvcc sm_$$a $$f"; \
+	    $(NVCC) -std=c++20 -O2 -DNDEBUG --expt-relaxed-constexpr -Werror all-warnings \
+	      -gencode arch=compute_$$a,code=sm_$$a -Icsrc/include -Icsrc $$tinc \
+	      $(if $(CUTLASS_INCLUDE),-I$(CUTLASS_INCLUDE)) -c $$f -o /dev/null || exit 1; \
+	  done; \
+	done
+
+clean:
+	rm -rf build
