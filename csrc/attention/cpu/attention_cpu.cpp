@@ -118,22 +118,38 @@ at::ScalarType compute_type(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-/// [T, H, C] (any strides, any float dtype) -> [H, T, Cp] in the compute type, zero padded,
-/// times `mul`.
-at::Tensor head_major(const at::Tensor& x, int64_t Cp, double mul) {
-  const int64_t T = x.size(0), H = x.size(1), C = x.size(2);
-  auto opts = x.options().dtype(compute_type(x));
-  at::Tensor buf = Cp == C ? at::empty({H, T, Cp}, opts) : at::zeros({H, T, Cp}, opts);
-  buf.narrow(2, 0, C).copy_(x.permute({1, 0, 2}));
-  if (mul != 1.0) buf.mul_(mul);
-  return buf;
+/// [Tn, H, C] -> a strided view for the kernels. Zero-copy when x already has the compute
+/// dtype and unit stride along C (and, for a GEMM B operand, C is a multiple of 16); otherwise
+/// a token-major copy, zero padded to Cp columns for B operands, kept alive in `keep`.
+template <class T>
+Operand<T> make_operand(const at::Tensor& x, int64_t Cp, bool b_operand,
+                        std::vector<at::Tensor>& keep) {
+  const int64_t C = x.size(2);
+  if (x.scalar_type() == c10::CppTypeToScalarType<T>::value && x.stride(2) == 1 &&
+      (!b_operand || C == Cp)) {
+    keep.push_back(x);  // x may be a temporary (a reshape that copied)
+    return {x.const_data_ptr<T>(), x.stride(0), x.stride(1)};
+  }
+  const int64_t width = b_operand ? Cp : C;
+  auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor buf = width == C ? at::empty({x.size(0), x.size(1), width}, opts)
+                              : at::zeros({x.size(0), x.size(1), width}, opts);
+  buf.narrow(2, 0, C).copy_(x);
+  keep.push_back(buf);
+  return {buf.const_data_ptr<T>(), buf.stride(0), buf.stride(1)};
 }
 
-/// [T, H, C] -> [H, C, T + 16]: transposed, with 16 readable columns past the end.
-at::Tensor transposed(const at::Tensor& x) {
-  const int64_t T = x.size(0), H = x.size(1), C = x.size(2);
-  at::Tensor buf = at::zeros({H, C, T + 16}, x.options().dtype(compute_type(x)));
-  buf.narrow(2, 0, T).copy_(x.permute({1, 2, 0}));
+/// An operand [Tn, H, C] -> [H, C, Tn + 16]: transposed, 16 zero columns past the end.
+template <class T>
+at::Tensor transposed(const Operand<T>& src, int64_t H, int64_t Tn, int64_t C,
+                      const at::TensorOptions& opts) {
+  at::Tensor buf = at::empty({H, C, Tn + 16}, opts.dtype(c10::CppTypeToScalarType<T>::value));
+  const ParallelRunner r = aten_runner();
+  T* dst = buf.mutable_data_ptr<T>();
+  if (cpu::current_isa() == cpu::Isa::kAvx2)
+    cpu::avx2::transpose_heads(src, H, Tn, C, dst, Tn + 16, r);
+  else
+    cpu::generic::transpose_heads(src, H, Tn, C, dst, Tn + 16, r);
   return buf;
 }
 
@@ -188,12 +204,13 @@ template <class T>
 void fwd_impl(const AttnShapes& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               double scale, int64_t wl, int64_t wr, at::Tensor& out, at::Tensor& lse) {
   AttentionParams<T> p = base_params<T>(s);
-  at::Tensor qb = head_major(tokens(q, s.varlen), p.Dp, scale * kLog2ed);
-  at::Tensor ktb = transposed(tokens(k, s.varlen));
-  at::Tensor vb = head_major(tokens(v, s.varlen), p.Dvp, 1.0);
-  p.q = qb.const_data_ptr<T>();
+  std::vector<at::Tensor> keep;
+  p.q = make_operand<T>(tokens(q, s.varlen), p.Dp, false, keep);
+  const Operand<T> k_op = make_operand<T>(tokens(k, s.varlen), p.Dp, false, keep);
+  at::Tensor ktb = transposed(k_op, s.Hkv, s.Tk, s.D, q.options());
+  p.v = make_operand<T>(tokens(v, s.varlen), p.Dvp, true, keep);
   p.kt = ktb.const_data_ptr<T>();
-  p.v = vb.const_data_ptr<T>();
+  p.scale = static_cast<T>(scale);
   p.o = out.mutable_data_ptr<T>();
   p.lse = lse.mutable_data_ptr<T>();
   run_fwd(p, wl, wr);
@@ -231,11 +248,14 @@ void bwd_impl(const AttnShapes& s, const at::Tensor& dout, const std::optional<a
   if (dlse.has_value()) delta = delta - dlse->to(ct);
   delta = tokens(delta.unsqueeze(-1), vl).squeeze(-1).contiguous();
   at::Tensor lse_c = tokens(lse.unsqueeze(-1), vl).squeeze(-1).contiguous();
-  at::Tensor qb = head_major(tokens(q, vl), p.Dp, scale * kLog2ed);
-  at::Tensor kb = head_major(tokens(k, vl), p.Dp, 1.0);
-  at::Tensor ktb = transposed(tokens(k, vl));
-  at::Tensor vtb = transposed(tokens(v, vl));
-  at::Tensor dob = head_major(tokens(dout, vl), p.Dvp, 1.0);
+  std::vector<at::Tensor> keep;
+  p.q = make_operand<T>(tokens(q, vl), p.Dp, true, keep);
+  p.k = make_operand<T>(tokens(k, vl), p.Dp, true, keep);
+  const Operand<T> v_op = make_operand<T>(tokens(v, vl), p.Dvp, false, keep);
+  p.dout = make_operand<T>(tokens(dout, vl), p.Dvp, true, keep);
+  at::Tensor ktb = transposed(p.k, s.Hkv, s.Tk, s.D, q.options());
+  at::Tensor vtb = transposed(v_op, s.Hkv, s.Tk, s.Dv, q.options());
+  p.scale = static_cast<T>(scale);
 
   // Split each sequence's key tiles into chunks when (heads x sequences) alone cannot keep
   // the threads busy; each chunk accumulates its own dQ partial (no atomics, deterministic).
@@ -251,11 +271,8 @@ void bwd_impl(const AttnShapes& s, const at::Tensor& dout, const std::optional<a
   at::Tensor dqb = at::zeros({p.n_kv_chunks, s.H, s.Tq, p.Dp}, f32);
   at::Tensor dkb = at::zeros({s.H, s.Tk, p.Dp}, f32);
   at::Tensor dvb = at::zeros({s.H, s.Tk, p.Dvp}, f32);
-  p.q = qb.const_data_ptr<T>();
-  p.k = kb.const_data_ptr<T>();
   p.kt = ktb.const_data_ptr<T>();
   p.vt = vtb.const_data_ptr<T>();
-  p.dout = dob.const_data_ptr<T>();
   p.lse_in = lse_c.const_data_ptr<T>();
   p.delta = delta.const_data_ptr<T>();
   p.dq = dqb.mutable_data_ptr<T>();

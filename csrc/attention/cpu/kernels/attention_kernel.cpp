@@ -6,6 +6,11 @@
 namespace tilefuse::cpu::TF_ISA_NS {
 
 template <class T>
+void transpose_heads(const Operand<T>& src, index_t H, index_t Tn, index_t C, T* dst, index_t ld,
+                     const ParallelRunner& r) {
+  attn_detail::transpose_heads(src, H, Tn, C, dst, ld, r);
+}
+template <class T>
 void attention_fwd_dense(const AttentionParams<T>& p, const ParallelRunner& r) {
   attn_detail::attention_fwd<DenseMask>(p, {}, r);
 }
@@ -25,6 +30,8 @@ void attention_bwd_band(const AttentionParams<T>& p, const BandMask::Args& m,
 }
 
 #define TF_INSTANTIATE(T)                                                                 \
+  template void transpose_heads<T>(const Operand<T>&, index_t, index_t, index_t, T*, index_t, \
+                                   const ParallelRunner&);                                \
   template void attention_fwd_dense<T>(const AttentionParams<T>&, const ParallelRunner&); \
   template void attention_fwd_band<T>(const AttentionParams<T>&, const BandMask::Args&,   \
                                       const ParallelRunner&);                             \

@@ -7,8 +7,13 @@
 //   query_range(k0, k1, q0, q1)  queries [q0, q1) that may see some key in [k0, k1) (backward)
 //   tile(q0, q1, k0, k1)         kTileSkip, kTileFull (no element masked) or kTilePartial
 //   allowed(i, j)                element test, only evaluated inside partial tiles
+//   row_interval(i, j0, j1)      optional fast path: narrows [j0, j1) to the visible keys of
+//                                row i when they are one interval (band masks); policies whose
+//                                rows are not intervals omit it and get the element test
 // The main loop handles the ragged end (keys >= Sk) itself; policies need not.
 #pragma once
+#include <utility>
+
 #include "tilefuse/common.h"
 
 namespace tilefuse {
@@ -51,6 +56,11 @@ struct BandMask {
     q0 = right < 0 ? 0 : imax(0, k0 - off - right);
     q1 = left < 0 ? Sq : imin(Sq, k1 - 1 - off + left + 1);
   }
+  TF_HD void row_interval(index_t i, index_t& j0, index_t& j1) const {
+    if (left >= 0) j0 = imax(j0, i + off - left);
+    if (right >= 0) j1 = imin(j1, i + off + right + 1);
+    if (j1 < j0) j1 = j0;
+  }
   TF_HD int tile(index_t q0, index_t q1, index_t k0, index_t k1) const {
     // d ranges over [k0 - (q1-1) - off, (k1-1) - q0 - off] inside the tile.
     const index_t dmin = k0 - (q1 - 1) - off, dmax = (k1 - 1) - q0 - off;
@@ -59,5 +69,30 @@ struct BandMask {
     return kTilePartial;
   }
 };
+
+template <class M, class = void>
+struct HasRowInterval {
+  static constexpr bool value = false;
+};
+template <class M>
+struct HasRowInterval<M, decltype(void(std::declval<const M&>().row_interval(
+                             index_t{}, std::declval<index_t&>(), std::declval<index_t&>())))> {
+  static constexpr bool value = true;
+};
+
+/// \brief Writes `masked` into row[j - k0] for every key j in [k0, k0 + kn) that query i
+/// may not see. Used on partial tiles only.
+template <class Mask, class T>
+TF_HD void mask_row(const Mask& mask, index_t i, index_t k0, index_t kn, T* row, T masked) {
+  if constexpr (HasRowInterval<Mask>::value) {
+    index_t j0 = k0, j1 = k0 + kn;
+    mask.row_interval(i, j0, j1);
+    for (index_t j = k0; j < j0; ++j) row[j - k0] = masked;
+    for (index_t j = j1; j < k0 + kn; ++j) row[j - k0] = masked;
+  } else {
+    for (index_t j = 0; j < kn; ++j)
+      if (!mask.allowed(i, k0 + j)) row[j] = masked;
+  }
+}
 
 }  // namespace tilefuse

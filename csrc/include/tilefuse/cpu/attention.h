@@ -13,6 +13,10 @@ constexpr index_t kAttnTileK = 128;
 
 #define TF_DECLARE_ATTENTION_KERNELS(ns)                                                       \
   namespace ns {                                                                             \
+  /* dst[h][c][t] = src(h, t, c) for t < Tn, zeros in columns [Tn, Tn + 16); ld >= Tn + 16. */ \
+  template <class T>                                                                         \
+  void transpose_heads(const Operand<T>& src, index_t H, index_t Tn, index_t C, T* dst,       \
+                       index_t ld, const ParallelRunner& r);                                 \
   template <class T>                                                                         \
   void attention_fwd_dense(const AttentionParams<T>& p, const ParallelRunner& r);            \
   template <class T>                                                                         \

@@ -38,9 +38,7 @@ void mask_tile(const Mask& mask, int state, T* S, index_t qm, index_t kn, index_
                index_t q0, index_t k0) {
   for (index_t i = 0; i < qm; ++i) {
     T* row = S + i * BK;
-    if (state == kTilePartial)
-      for (index_t j = 0; j < kn; ++j)
-        if (!mask.allowed(q0 + i, k0 + j)) row[j] = kNegInf<T>;
+    if (state == kTilePartial) mask_row(mask, q0 + i, k0, kn, row, kNegInf<T>);
     for (index_t j = kn; j < kn16; ++j) row[j] = kNegInf<T>;
   }
 }
@@ -59,9 +57,10 @@ void fwd_tile(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
   const index_t kbeg = p.cu_k[b], Sk = p.cu_k[b + 1] - kbeg;
   const Mask mask = Mask::make(margs, Sq, Sk);
   const index_t q0 = qt * BQ, qm = imin(BQ, Sq - q0);
-  const T* Q = p.q + (h * p.Tq + qbeg + q0) * p.Dp;
+  const T* Q = p.q.at(h, qbeg + q0);
   const T* KT = p.kt + hk * p.D * p.ldkt + kbeg;
-  const T* V = p.v + (hk * p.Tk + kbeg) * p.Dvp;
+  const T* V = p.v.at(hk, kbeg);
+  const T c2 = p.scale * T(kLog2ed);  // logits in base 2
   T *S = s.S.data(), *O = s.O.data(), *m = s.m.data(), *l = s.l.data();
   T* alpha = s.alpha.data();
   for (index_t i = 0; i < qm; ++i) {
@@ -72,12 +71,15 @@ void fwd_tile(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
 
   index_t klo, khi;
   mask.key_range(q0, q0 + qm, klo, khi);
-  for (index_t k0 = (klo / BK) * BK; k0 < khi; k0 += BK) {
-    const index_t kn = imin(BK, Sk - k0);
+  // Key tiles start at the first visible key (not at a multiple of BK): a band of width w
+  // then costs (BQ + w) keys per query tile instead of up to (BQ + w + 2 BK).
+  for (index_t k0 = klo; k0 < khi; k0 += BK) {
+    const index_t kn = imin(BK, khi - k0);
     const int state = mask.tile(q0, q0 + qm, k0, k0 + kn);
     if (state == kTileSkip) continue;
     const index_t kn16 = round_up(kn, 16);
-    gemm<GemmOut::kStore>(qm, kn16, p.D, Q, p.Dp, 1, KT + k0, p.ldkt, S, BK);
+    gemm<GemmOut::kStoreScaled>(qm, kn16, p.D, Q, p.q.row_stride, 1, KT + k0, p.ldkt, S, BK,
+                                &c2);
     if (state == kTilePartial || kn16 != kn) mask_tile(mask, state, S, qm, kn, kn16, q0, k0);
     for (index_t i = 0; i < qm; ++i) {
       T* row = S + i * BK;
@@ -100,8 +102,8 @@ void fwd_tile(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
       l[i] = l[i] * alpha[i] + hsum<T>(sum);
       m[i] = mnew;
     }
-    gemm<GemmOut::kScaleAccumulate>(qm, p.Dvp, kn, S, BK, 1, V + k0 * p.Dvp, p.Dvp, O,
-                                        p.Dvp, alpha);
+    gemm<GemmOut::kScaleAccumulate>(qm, p.Dvp, kn, S, BK, 1, V + k0 * p.v.row_stride,
+                                    p.v.row_stride, O, p.Dvp, alpha);
   }
   for (index_t i = 0; i < qm; ++i) {
     const index_t t = qbeg + q0 + i;
@@ -154,11 +156,13 @@ void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
   const Mask mask = Mask::make(margs, Sq, Sk);
   const index_t nkt = ceil_div(Sk, BK);
   const index_t kt_begin = chunk * nkt / p.n_kv_chunks, kt_end = (chunk + 1) * nkt / p.n_kv_chunks;
-  const T* Qh = p.q + (h * p.Tq + qbeg) * p.Dp;
-  const T* dOh = p.dout + (h * p.Tq + qbeg) * p.Dvp;
+  const T* Qh = p.q.at(h, qbeg);
+  const T* dOh = p.dout.at(h, qbeg);
+  const index_t ldq = p.q.row_stride, lddo = p.dout.row_stride, ldk = p.k.row_stride;
+  const T c2 = p.scale * T(kLog2ed);
   const T* KT = p.kt + hk * p.D * p.ldkt + kbeg;
   const T* VT = p.vt + hk * p.Dv * p.ldvt + kbeg;
-  const T* K = p.k + (hk * p.Tk + kbeg) * p.Dp;
+  const T* K = p.k.at(hk, kbeg);
   T* dQ = p.dq + ((chunk * p.H + h) * p.Tq + qbeg) * p.Dp;
   T *S = s.S.data(), *dP = s.dP.data(), *dK = s.dK.data(), *dV = s.dV.data();
 
@@ -168,13 +172,13 @@ void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
     std::fill(dV, dV + kn * p.Dvp, T(0));
     index_t qlo, qhi;
     mask.query_range(k0, k0 + kn, qlo, qhi);
-    for (index_t q0 = (qlo / BQ) * BQ; q0 < qhi; q0 += BQ) {
-      const index_t qm = imin(BQ, Sq - q0);
+    for (index_t q0 = qlo; q0 < qhi; q0 += BQ) {
+      const index_t qm = imin(BQ, qhi - q0);
       const int state = mask.tile(q0, q0 + qm, k0, k0 + kn);
       if (state == kTileSkip) continue;
-      const T* Q = Qh + q0 * p.Dp;
-      const T* dO = dOh + q0 * p.Dvp;
-      gemm<GemmOut::kStore>(qm, kn16, p.D, Q, p.Dp, 1, KT + k0, p.ldkt, S, BK);
+      const T* Q = Qh + q0 * ldq;
+      const T* dO = dOh + q0 * lddo;
+      gemm<GemmOut::kStoreScaled>(qm, kn16, p.D, Q, ldq, 1, KT + k0, p.ldkt, S, BK, &c2);
       if (state == kTilePartial || kn16 != kn) mask_tile(mask, state, S, qm, kn, kn16, q0, k0);
       // P = exp(s - lse), in base 2; rows without any visible key have lse = -inf and P = 0.
       for (index_t i = 0; i < qm; ++i) {
@@ -183,8 +187,8 @@ void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
         T* row = S + i * BK;
         for (index_t j = 0; j < kn16; j += W) storev(row + j, exp2v(loadv(row + j) - lse2));
       }
-      gemm<GemmOut::kAccumulate>(kn, p.Dvp, qm, S, 1, BK, dO, p.Dvp, dV, p.Dvp);
-      gemm<GemmOut::kStore>(qm, kn16, p.Dv, dO, p.Dvp, 1, VT + k0, p.ldvt, dP, BK);
+      gemm<GemmOut::kAccumulate>(kn, p.Dvp, qm, S, 1, BK, dO, lddo, dV, p.Dvp);
+      gemm<GemmOut::kStore>(qm, kn16, p.Dv, dO, lddo, 1, VT + k0, p.ldvt, dP, BK);
       for (index_t i = 0; i < qm; ++i) {
         const T delta = p.delta[(qbeg + q0 + i) * p.H + h];
         T* ds = dP + i * BK;
@@ -192,14 +196,14 @@ void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
         for (index_t j = 0; j < kn16; j += W) storev(ds + j, loadv(pr + j) * (loadv(ds + j) - delta));
       }
       // Only the first kn columns of dS feed the reductions (the ragged tail may hold garbage).
-      gemm<GemmOut::kAccumulate>(kn, p.Dp, qm, dP, 1, BK, Q, p.Dp, dK, p.Dp);
-      gemm<GemmOut::kAccumulate>(qm, p.Dp, kn, dP, BK, 1, K + k0 * p.Dp, p.Dp,
-                                     dQ + q0 * p.Dp, p.Dp);
+      gemm<GemmOut::kAccumulate>(kn, p.Dp, qm, dP, 1, BK, Q, ldq, dK, p.Dp);
+      gemm<GemmOut::kAccumulate>(qm, p.Dp, kn, dP, BK, 1, K + k0 * ldk, ldk, dQ + q0 * p.Dp,
+                                 p.Dp);
     }
-    // q was pre-scaled by scale*log2(e); dK = scale * dS^T q = ln2 * dS^T q_buffer.
+    // dK = scale * dS^T q.
     T* dKo = p.dk + (h * p.Tk + kbeg + k0) * p.Dp;
     T* dVo = p.dv + (h * p.Tk + kbeg + k0) * p.Dvp;
-    for (index_t i = 0; i < kn * p.Dp; ++i) dKo[i] = dK[i] * T(kLn2d);
+    for (index_t i = 0; i < kn * p.Dp; ++i) dKo[i] = dK[i] * p.scale;
     std::copy(dV, dV + kn * p.Dvp, dVo);
   }
 }
@@ -216,6 +220,23 @@ void attention_bwd(const AttentionParams<T>& p, const typename Mask::Args& margs
   for_each_item(r, p.H * per_head, proto, [&](index_t it, BwdScratch<T>& s) {
     const index_t h = it / per_head, rest = it % per_head;
     bwd_item<Mask>(p, margs, h, rest / p.n_kv_chunks, rest % p.n_kv_chunks, s);
+  });
+}
+
+template <class T>
+void transpose_heads(const Operand<T>& src, index_t H, index_t Tn, index_t C, T* dst, index_t ld,
+                     const ParallelRunner& r) {
+  constexpr index_t TB = 16;  // tokens per block: 16 contiguous floats written per row of dst
+  const index_t blocks = ceil_div(Tn, TB);
+  for_each_item(r, H * blocks, 0, [&](index_t it, int) {
+    const index_t h = it / blocks, t0 = (it % blocks) * TB, tn = imin(TB, Tn - t0);
+    T* d = dst + h * C * ld + t0;
+    for (index_t t = 0; t < tn; ++t) {
+      const T* srow = src.at(h, t0 + t);
+      for (index_t c = 0; c < C; ++c) d[c * ld + t] = srow[c];
+    }
+    if (t0 + TB >= Tn)  // the last block also clears the readable tail
+      for (index_t c = 0; c < C; ++c) std::fill(d + c * ld + tn, d + c * ld + (Tn + 16 - t0), T(0));
   });
 }
 

@@ -10,15 +10,18 @@
 
 namespace tilefuse::cpu {
 
-enum class GemmOut { kStore, kAccumulate, kScaleAccumulate };
+/// kStore: C = A*B; kStoreScaled: C = row_scale[0] * A*B (one scalar for all rows);
+/// kAccumulate: C += A*B; kScaleAccumulate: C = diag(row_scale) * C + A*B.
+enum class GemmOut { kStore, kStoreScaled, kAccumulate, kScaleAccumulate };
 
 template <class T, int MR, GemmOut OUT>
 static inline void gemm_block(index_t k, const T* a, index_t a_rs, index_t a_cs, const T* b,
                               index_t ldb, T* c, index_t ldc, const T* row_scale) {
   constexpr int W = VecTraits<T>::W;
   vec_t<T> acc0[MR], acc1[MR];
+#pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
-    if constexpr (OUT == GemmOut::kStore) {
+    if constexpr (OUT == GemmOut::kStore || OUT == GemmOut::kStoreScaled) {
       acc0[i] = vec_t<T>{};
       acc1[i] = vec_t<T>{};
     } else {
@@ -40,14 +43,22 @@ static inline void gemm_block(index_t k, const T* a, index_t a_rs, index_t a_cs,
       acc1[i] += s * b1;
     }
   }
+  if constexpr (OUT == GemmOut::kStoreScaled) {
+    const T sc = row_scale[0];
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      acc0[i] *= sc;
+      acc1[i] *= sc;
+    }
+  }
+#pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
     storev(c + i * ldc, acc0[i]);
     storev(c + i * ldc + W, acc1[i]);
   }
 }
 
-/// \brief C = A*B (kStore), C += A*B (kAccumulate) or C = diag(row_scale)*C + A*B.
-/// n must be a multiple of 16; m and k are arbitrary (k = 0 is allowed).
+/// \brief C (op)= A*B, see GemmOut. n must be a multiple of 16; m and k are arbitrary (k = 0 is allowed).
 template <GemmOut OUT, class T>
 static inline void gemm(index_t m, index_t n, index_t k, const T* a, index_t a_rs, index_t a_cs,
                         const T* b, index_t ldb, T* c, index_t ldc,
@@ -55,12 +66,13 @@ static inline void gemm(index_t m, index_t n, index_t k, const T* a, index_t a_r
   constexpr int NR = 2 * VecTraits<T>::W;
   for (index_t j = 0; j < n; j += NR) {
     index_t i = 0;
+    constexpr bool per_row = OUT == GemmOut::kScaleAccumulate;
     for (; i + 6 <= m; i += 6)
       gemm_block<T, 6, OUT>(k, a + i * a_rs, a_rs, a_cs, b + j, ldb, c + i * ldc + j, ldc,
-                            row_scale ? row_scale + i : nullptr);
+                            per_row ? row_scale + i : row_scale);
     const T* ai = a + i * a_rs;
     T* ci = c + i * ldc + j;
-    const T* rs = row_scale ? row_scale + i : nullptr;
+    const T* rs = per_row ? row_scale + i : row_scale;
     switch (m - i) {
       case 5: gemm_block<T, 5, OUT>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, rs); break;
       case 4: gemm_block<T, 4, OUT>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, rs); break;
