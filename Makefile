@@ -35,6 +35,7 @@ demo: build
 	$(PY) bench/demo.py
 
 bench: build
+	$(PIP) install --quiet --disable-pip-version-check matplotlib
 	$(PY) bench/bench_attention.py
 
 # Compile every CUDA source for sm_80 and sm_90a without linking (no GPU needed).
