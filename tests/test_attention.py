@@ -362,3 +362,54 @@ def test_bad_backward_inputs():
     with pytest.raises(ValueError, match="lse must be"):
         torch.ops.tilefuse.attention_bwd(out, None, q, k, v, out, lse.double(), None, None, -1, -1,
                                          0.25, -1, -1)
+
+
+# ----------------------------------------------------------------------------------------
+# key_mask (padding masks)
+
+
+def test_key_mask_matches_reference(cpu_isa):
+    B, Sq, Sk, H, Hkv, D = 3, 40, 70, 4, 2, 32
+    q = _rand(B, Sq, H, D).requires_grad_()
+    k = _rand(B, Sk, Hkv, D).requires_grad_()
+    v = _rand(B, Sk, Hkv, D).requires_grad_()
+    key_mask = torch.rand(B, Sk) > 0.4
+    key_mask[1, 50:] = False  # right padding
+    key_mask[2] = False  # a sequence with no visible key: zeros and LSE -inf
+    out, lse = tilefuse.attention(q, k, v, key_mask=key_mask, return_lse=True)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = R.attention(qd, kd, vd, key_mask=key_mask, return_lse=True)
+    _check(out, ref.detach(), torch.float32)
+    assert torch.all(out[2] == 0) and torch.all(torch.isneginf(lse[2]))
+    assert (lse[:2].double() - ref_lse[:2]).abs().max() < 1e-4
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    rgrads = torch.autograd.grad(ref, (qd, kd, vd), go.double())
+    for g, rg in zip(grads, rgrads):
+        assert (g.double() - rg).abs().max().item() < 1e-4
+    assert torch.all(grads[1][~key_mask] == 0) and torch.all(grads[2][~key_mask] == 0)
+
+
+def test_key_mask_gradcheck_and_opcheck():
+    q = torch.randn(2, 5, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 7, 1, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 7, 1, 8, dtype=torch.float64, requires_grad=True)
+    km = torch.tensor([[1, 1, 0, 1, 1, 0, 1], [1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(lambda q, k, v: tilefuse.attention(q, k, v, key_mask=km),
+                                    (q, k, v))
+    torch.library.opcheck(torch.ops.tilefuse.attention_fwd,
+                          (q.float(), k.float(), v.float(), None, None, -1, -1, 0.3, -1, -1, km))
+
+
+def test_key_mask_bad_input():
+    q, k, v = _qkv(B=2)
+    with pytest.raises(TypeError, match="key_mask must be bool"):
+        tilefuse.attention(q, k, v, key_mask=torch.ones(2, 8))
+    with pytest.raises(ValueError, match=r"key_mask must have shape \[batch, seq_k\] = \[2, 8\]"):
+        tilefuse.attention(q, k, v, key_mask=torch.ones(2, 7, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="key_mask combined with causal or window"):
+        tilefuse.attention(q, k, v, key_mask=torch.ones(2, 8, dtype=torch.bool), causal=True)
+    qv, kv, vv, cu_q, cu_k = _varlen([5, 3], [4, 4])
+    with pytest.raises(ValueError, match="key_mask applies to"):
+        tilefuse.attention(qv, kv, vv, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                           key_mask=torch.ones(2, 4, dtype=torch.bool))

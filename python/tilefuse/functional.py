@@ -39,6 +39,7 @@ def attention(
     cu_seqlens_k: Optional[torch.Tensor] = None,
     max_seqlen_q: Optional[int] = None,
     max_seqlen_k: Optional[int] = None,
+    key_mask: Optional[torch.Tensor] = None,
     return_lse: bool = False,
 ):
     """Fused scaled-dot-product attention, O(S) extra memory, forward and backward.
@@ -51,6 +52,8 @@ def attention(
     ``causal`` is bottom-right aligned when ``Sq != Sk``; ``window=(left, right)`` keeps keys
     ``j`` with ``-left <= j - (i + Sk - Sq) <= right`` (``-1``/``None`` = unbounded) and
     combines with ``causal`` (which sets ``right = 0``). ``scale`` defaults to ``D ** -0.5``.
+    ``key_mask`` (bool ``[B, Sk]``, True = attend) masks keys per batch element, e.g. padding;
+    it is not combinable with ``causal``/``window`` or varlen.
 
     Returns ``out [B, Sq, H, Dv]`` in the input dtype, and with ``return_lse=True`` also the
     log-sum-exp ``[B, Sq, H]`` (float32; float64 for float64 inputs). A query row that sees no
@@ -71,5 +74,5 @@ def attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k,
         -1 if max_seqlen_q is None else int(max_seqlen_q),
         -1 if max_seqlen_k is None else int(max_seqlen_k),
-        float(scale), left, right)
+        float(scale), left, right, key_mask)
     return (out, lse) if return_lse else out

@@ -216,10 +216,45 @@ void fwd_impl(const AttnShapes& s, const at::Tensor& q, const at::Tensor& k, con
   run_fwd(p, wl, wr);
 }
 
+/// Keys compacted by a key mask: the visible keys of each sequence, packed in the varlen
+/// layout. Exact because attention without a position-dependent mask does not depend on the
+/// order of the keys; this keeps padding masks (BERT-style) a pure copy of K and V.
+struct PackedKeys {
+  AttnShapes s;  // varlen shapes: q as [B*Sq, H, D], keys as [visible, Hkv, D]
+  at::Tensor k, v, index;
+};
+
+PackedKeys pack_keys(const AttnShapes& s0, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& key_mask, int64_t wl, int64_t wr) {
+  TORCH_CHECK_VALUE(!s0.varlen,
+                    "attention: key_mask applies to [batch, seq, heads, head_dim] inputs; with "
+                    "cu_seqlens leave masked keys out of the packed sequences instead");
+  TORCH_CHECK_NOT_IMPLEMENTED(wl < 0 && wr < 0,
+                              "attention: key_mask combined with causal or window is not "
+                              "implemented");
+  TORCH_CHECK_TYPE(key_mask.scalar_type() == at::kBool, "attention: key_mask must be bool, got ",
+                   key_mask.scalar_type());
+  TORCH_CHECK_VALUE(key_mask.dim() == 2 && key_mask.size(0) == s0.B && key_mask.size(1) == s0.Sk,
+                    "attention: key_mask must have shape [batch, seq_k] = [", s0.B, ", ", s0.Sk,
+                    "], got ", key_mask.sizes());
+  TORCH_CHECK_VALUE(key_mask.device() == k.device(), "attention: key_mask must be on the device of k");
+  PackedKeys r;
+  r.s = s0;
+  r.s.varlen = true;
+  const at::Tensor km = key_mask.contiguous();
+  r.index = km.reshape({-1}).nonzero().squeeze(1);
+  r.s.Tk = r.index.numel();
+  r.s.cu_k = at::cat({at::zeros({1}, at::kLong), km.sum(1, false, at::kLong).cumsum(0)});
+  r.k = tokens(k, false).index_select(0, r.index);
+  r.v = tokens(v, false).index_select(0, r.index);
+  return r;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t max_q,
-    int64_t max_k, double scale, int64_t wl, int64_t wr) {
+    int64_t max_k, double scale, int64_t wl, int64_t wr,
+    const std::optional<at::Tensor>& key_mask) {
   const AttnShapes s = check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr);
   std::vector<int64_t> out_shape = q.sizes().vec();
   out_shape.back() = s.Dv;
@@ -227,7 +262,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   const at::ScalarType ct = compute_type(q);
   at::Tensor out_c = at::empty(out_shape, q.options().dtype(ct));
   at::Tensor lse = at::empty(lse_shape, q.options().dtype(ct));
-  if (s.Tq > 0) {
+  if (key_mask.has_value()) {
+    const PackedKeys pk = pack_keys(s, k, v, *key_mask, wl, wr);
+    if (s.Tq > 0) {
+      if (ct == at::kDouble)
+        fwd_impl<double>(pk.s, tokens(q, false), pk.k, pk.v, scale, wl, wr, out_c, lse);
+      else
+        fwd_impl<float>(pk.s, tokens(q, false), pk.k, pk.v, scale, wl, wr, out_c, lse);
+    }
+  } else if (s.Tq > 0) {
     if (ct == at::kDouble)
       fwd_impl<double>(s, q, k, v, scale, wl, wr, out_c, lse);
     else
@@ -295,7 +338,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t max_q,
-    int64_t max_k, double scale, int64_t wl, int64_t wr) {
+    int64_t max_k, double scale, int64_t wl, int64_t wr,
+    const std::optional<at::Tensor>& key_mask) {
   const AttnShapes s = check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr);
   std::vector<int64_t> out_shape = q.sizes().vec();
   out_shape.back() = s.Dv;
@@ -311,6 +355,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
   at::Tensor dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  if (key_mask.has_value()) {
+    const PackedKeys pk = pack_keys(s, k, v, *key_mask, wl, wr);
+    if (s.Tq == 0 || pk.s.Tk == 0) return {dq, dk, dv};
+    at::Tensor dk_p = at::zeros_like(pk.k), dv_p = at::zeros_like(pk.v);
+    at::Tensor dq_t = tokens(dq, false);
+    std::optional<at::Tensor> dlse_t;
+    if (dlse.has_value()) dlse_t = dlse->reshape({-1, s.H});
+    auto run = [&](auto tag) {
+      bwd_impl<decltype(tag)>(pk.s, tokens(dout, false), dlse_t, tokens(q, false), pk.k, pk.v,
+                              tokens(out, false), lse.reshape({-1, s.H}), scale, wl, wr, dq_t,
+                              dk_p, dv_p);
+    };
+    ct == at::kDouble ? run(double{}) : run(float{});
+    tokens(dk, false).index_copy_(0, pk.index, dk_p);
+    tokens(dv, false).index_copy_(0, pk.index, dv_p);
+    return {dq, dk, dv};
+  }
   if (s.Tq == 0 || s.Tk == 0) return {dq, dk, dv};
   if (ct == at::kDouble)
     bwd_impl<double>(s, dout, dlse, q, k, v, out, lse, scale, wl, wr, dq, dk, dv);

@@ -23,13 +23,15 @@ def band_mask(sq: int, sk: int, left: int, right: int, device=None) -> torch.Ten
     return ok
 
 
-def _one_sequence(q, k, v, scale, left, right):
+def _one_sequence(q, k, v, scale, left, right, key_mask=None):
     # q [Sq, H, D], k [Sk, Hkv, D], v [Sk, Hkv, Dv] -> out [Sq, H, Dv], lse [Sq, H]
     h, hkv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(h // hkv, dim=1)
     v = v.repeat_interleave(h // hkv, dim=1)
     s = torch.einsum("qhd,khd->hqk", q, k) * scale
     allowed = band_mask(q.shape[0], k.shape[0], left, right, device=q.device)
+    if key_mask is not None:
+        allowed = allowed & key_mask[None, :]
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # -inf for rows without any visible key
     p = torch.exp(s - lse.unsqueeze(-1))
@@ -48,6 +50,7 @@ def attention(
     scale: Optional[float] = None,
     cu_seqlens_q: Optional[torch.Tensor] = None,
     cu_seqlens_k: Optional[torch.Tensor] = None,
+    key_mask: Optional[torch.Tensor] = None,
     return_lse: bool = False,
 ):
     """Same contract as :func:`tilefuse.attention`, computed in the inputs' dtype (use
@@ -59,7 +62,8 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if cu_seqlens_q is None:
-        outs, lses = zip(*(_one_sequence(q[b], k[b], v[b], scale, left, right)
+        outs, lses = zip(*(_one_sequence(q[b], k[b], v[b], scale, left, right,
+                                         None if key_mask is None else key_mask[b])
                            for b in range(q.shape[0]))) if q.shape[0] else ((), ())
         out = torch.stack(outs) if outs else q.new_empty((*q.shape[:-1], v.shape[-1]))
         lse = torch.stack(lses) if lses else q.new_empty(q.shape[:-1])
