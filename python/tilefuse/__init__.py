@@ -5,10 +5,12 @@ import torch
 
 from . import _C  # noqa: F401  (registers the torch.ops.tilefuse schemas and kernels)
 from . import ops  # noqa: F401  (fake implementations and autograd)
-from . import reference
+from . import nn, reference
 from .functional import attention
 from .backend import cpu_isa, set_cpu_isa
+from .convert import ConversionReport, convert
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "reference", "cpu_isa", "set_cpu_isa", "__version__"]
+__all__ = ["attention", "convert", "ConversionReport", "nn", "reference", "cpu_isa",
+           "set_cpu_isa", "__version__"]

@@ -1,0 +1,127 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Hugging Face ``transformers`` self-attention modules on tilefuse kernels.
+
+The adapter keeps the original projection submodules (same objects, same state_dict keys) and
+replaces only the attention computation. Matching is by class name so that importing this
+module never imports ``transformers``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..nn.attention import check_backend, run_attention
+
+
+@dataclass(frozen=True)
+class HFAttentionSpec:
+    q: str
+    k: str
+    v: str
+    out: Optional[str]  # output projection inside the module (ViT in transformers 5), if any
+    head_dim_attr: str
+
+
+# Self-attention classes whose forward is "project q/k/v, attend with a padding mask".
+SPECS = {
+    "BertSelfAttention": HFAttentionSpec("query", "key", "value", None, "attention_head_size"),
+    "RobertaSelfAttention": HFAttentionSpec("query", "key", "value", None, "attention_head_size"),
+    "XLMRobertaSelfAttention": HFAttentionSpec("query", "key", "value", None, "attention_head_size"),
+    "ViTSelfAttention": HFAttentionSpec("query", "key", "value", None, "attention_head_size"),
+    "ViTAttention": HFAttentionSpec("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"),
+}
+
+
+def why_not(module: nn.Module) -> Optional[str]:
+    """None if :class:`HFSelfAttention` can replace the module exactly, else the reason."""
+    spec = SPECS.get(type(module).__name__)
+    if spec is None:
+        return "not a known Hugging Face self-attention class"
+    if getattr(module, "is_decoder", False) or getattr(module, "is_causal", False):
+        return "decoder / causal attention with a KV cache is not converted"
+    for name in (spec.q, spec.k, spec.v) + ((spec.out,) if spec.out else ()):
+        if not isinstance(getattr(module, name, None), nn.Module):
+            return f"missing projection {name!r}"
+    return None
+
+
+def _dropout_p(module) -> float:
+    d = getattr(module, "dropout", None)
+    if isinstance(d, nn.Dropout):
+        return float(d.p)
+    return float(getattr(module, "attention_dropout", 0.0) or 0.0)
+
+
+def key_mask_from_hf(attention_mask: Optional[torch.Tensor], batch: int, seq_k: int):
+    """The key-padding mask (bool [B, Sk], True = attend) of a Hugging Face encoder mask.
+
+    HF passes bool [B, 1, Sq, Sk] (sdpa; True = attend), additive float [B, 1, Sq, Sk] (eager;
+    0 kept, dtype-min masked) or a [B, Sk] 1/0 tokenizer mask. Encoder masks only pad keys, so
+    every query row is the same and the last one is taken.
+    """
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.dim() == 4:
+        m = m[:, 0, -1, :]
+        if m.dtype != torch.bool:
+            m = m == 0
+    elif m.dim() == 2:
+        m = m.bool() if m.dtype != torch.bool else m
+    else:
+        raise ValueError(f"unsupported attention_mask shape {tuple(attention_mask.shape)}")
+    return m.expand(batch, seq_k)
+
+
+class HFSelfAttention(nn.Module):
+    """Drop-in for a Hugging Face self-attention module (see ``SPECS``) on the fused kernel."""
+
+    def __init__(self, module: nn.Module, backend: str = "tilefuse"):
+        super().__init__()
+        reason = why_not(module)
+        if reason:
+            raise ValueError(f"cannot convert {type(module).__name__}: {reason}")
+        spec = SPECS[type(module).__name__]
+        self.spec = spec
+        self.source_class = type(module).__name__
+        for name in (spec.q, spec.k, spec.v) + ((spec.out,) if spec.out else ()):
+            self.add_module(name, getattr(module, name))
+        self.head_dim = int(getattr(module, spec.head_dim_attr))
+        self.num_heads = getattr(self, spec.q).out_features // self.head_dim
+        self.num_kv_heads = getattr(self, spec.k).out_features // self.head_dim
+        self.scaling = float(getattr(module, "scaling", 1.0 / math.sqrt(self.head_dim)))
+        self.dropout_p = _dropout_p(module)
+        self.backend = check_backend(backend)
+        self.train(module.training)  # a fresh Module is in training mode; keep the model's mode
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                *args, **kwargs) -> Tuple[torch.Tensor, None]:
+        B, S, _ = hidden_states.shape
+        q = getattr(self, self.spec.q)(hidden_states).view(B, S, self.num_heads, self.head_dim)
+        k = getattr(self, self.spec.k)(hidden_states).view(B, S, self.num_kv_heads, self.head_dim)
+        v = getattr(self, self.spec.v)(hidden_states).view(B, S, self.num_kv_heads, self.head_dim)
+        key_mask = key_mask_from_hf(attention_mask, B, S)
+        if self.training and self.dropout_p > 0:
+            # The fused kernel has no dropout: train with torch's SDPA so numbers match.
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            out = nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                dropout_p=self.dropout_p, scale=self.scaling,
+                enable_gqa=self.num_heads != self.num_kv_heads).transpose(1, 2)
+        else:
+            out = run_attention(self.backend, q, k, v, scale=self.scaling, key_mask=key_mask)
+        out = out.reshape(B, S, self.num_heads * self.head_dim)
+        if self.spec.out:
+            out = getattr(self, self.spec.out)(out)
+        return out, None
+
+    def extra_repr(self) -> str:
+        return (f"from={self.source_class}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"scale={self.scaling:.4g}, dropout(train, via SDPA)={self.dropout_p}, "
+                f"backend={self.backend!r}")

