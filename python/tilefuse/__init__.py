@@ -8,9 +8,10 @@ from . import ops  # noqa: F401  (fake implementations and autograd)
 from . import nn, reference
 from .functional import attention
 from .backend import cpu_isa, set_cpu_isa
+from .block_mask import BlockMask, topk_block_mask
 from .convert import ConversionReport, convert
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "convert", "ConversionReport", "nn", "reference", "cpu_isa",
+__all__ = ["attention", "BlockMask", "topk_block_mask", "convert", "ConversionReport", "nn", "reference", "cpu_isa",
            "set_cpu_isa", "__version__"]

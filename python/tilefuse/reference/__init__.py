@@ -6,5 +6,6 @@ against them.
 """
 
 from .attention import attention
+from .block_sparse import block_sparse_attention, block_sparse_element_mask
 
-__all__ = ["attention"]
+__all__ = ["attention", "block_sparse_attention", "block_sparse_element_mask"]

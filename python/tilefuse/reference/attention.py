@@ -23,21 +23,30 @@ def band_mask(sq: int, sk: int, left: int, right: int, device=None) -> torch.Ten
     return ok
 
 
-def _one_sequence(q, k, v, scale, left, right, key_mask=None):
-    # q [Sq, H, D], k [Sk, Hkv, D], v [Sk, Hkv, Dv] -> out [Sq, H, Dv], lse [Sq, H]
+def masked_attention(q, k, v, allowed, scale):
+    """Attention of one sequence under an explicit mask.
+
+    q [Sq, H, D], k [Sk, Hkv, D], v [Sk, Hkv, Dv], allowed bool broadcastable to [H, Sq, Sk].
+    Returns out [Sq, H, Dv] and lse [Sq, H]; rows without a visible key give 0 and -inf.
+    """
     h, hkv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(h // hkv, dim=1)
     v = v.repeat_interleave(h // hkv, dim=1)
     s = torch.einsum("qhd,khd->hqk", q, k) * scale
-    allowed = band_mask(q.shape[0], k.shape[0], left, right, device=q.device)
-    if key_mask is not None:
-        allowed = allowed & key_mask[None, :]
+    allowed = allowed.expand(s.shape)
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # -inf for rows without any visible key
     p = torch.exp(s - lse.unsqueeze(-1))
     p = torch.nan_to_num(p, nan=0.0) * allowed  # rows without keys: p = 0 (exp(-inf - -inf))
     out = torch.einsum("hqk,khd->qhd", p, v)
     return out, lse.transpose(0, 1)
+
+
+def _one_sequence(q, k, v, scale, left, right, key_mask=None):
+    allowed = band_mask(q.shape[0], k.shape[0], left, right, device=q.device)
+    if key_mask is not None:
+        allowed = allowed & key_mask[None, :]
+    return masked_attention(q, k, v, allowed, scale)
 
 
 def attention(
