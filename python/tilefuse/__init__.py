@@ -9,9 +9,9 @@ from . import nn, reference
 from .functional import attention
 from .backend import cpu_isa, set_cpu_isa
 from .block_mask import BlockMask, topk_block_mask
-from .convert import ConversionReport, convert
+from .convert import ConversionReport, LinearConfig, convert
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "BlockMask", "topk_block_mask", "convert", "ConversionReport", "nn", "reference", "cpu_isa",
+__all__ = ["attention", "BlockMask", "topk_block_mask", "convert", "ConversionReport", "LinearConfig", "nn", "reference", "cpu_isa",
            "set_cpu_isa", "__version__"]

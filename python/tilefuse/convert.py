@@ -8,9 +8,56 @@ One recursive walk (torchao ``quantize_`` style): handlers keyed by module class
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 from torch import nn
+
+LINEAR_FORMATS = ("int8", "llm.int8", "nf4", "fp4", "e2m1", "int4")
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """How ``convert`` quantises ``nn.Linear`` layers.
+
+    fmt: ``"int8"`` (W8A8), ``"llm.int8"`` (W8A8 with LLM.int8() outliers at ``threshold``),
+        or a 4-bit weight-only format ``"nf4"``, ``"fp4"``, ``"e2m1"``, ``"int4"``.
+    block_size / double_quant: 4-bit quantisation blocks (bitsandbytes defaults: 64, False).
+    min_features: layers with fewer input or output features stay in floating point.
+    """
+
+    fmt: str
+    threshold: float = 6.0
+    block_size: int = 64
+    double_quant: bool = False
+    min_features: int = 0
+
+    def __post_init__(self):
+        if self.fmt not in LINEAR_FORMATS:
+            raise ValueError(f"linear format must be one of {LINEAR_FORMATS}, got {self.fmt!r}")
+
+
+def _linear_config(linear: Union[None, str, LinearConfig]) -> Optional[LinearConfig]:
+    if linear is None or isinstance(linear, LinearConfig):
+        return linear
+    if isinstance(linear, str):
+        return LinearConfig(linear)
+    raise TypeError(f"linear must be None, a format name or a LinearConfig, got {type(linear)}")
+
+
+def _linear_handler(module: nn.Module, cfg: LinearConfig):
+    """(replacement, None) or (None, reason) for nn.Linear; None for anything else."""
+    if type(module) is not nn.Linear:
+        return None
+    if min(module.in_features, module.out_features) < cfg.min_features:
+        return None, f"fewer than min_features={cfg.min_features} features"
+    try:
+        from .nn import Int8Linear, Linear4bit
+    except ImportError as e:  # the low-bit layers are not in this build
+        raise NotImplementedError(f"tilefuse.convert(linear=...): {e}") from e
+    if cfg.fmt in ("int8", "llm.int8"):
+        return Int8Linear.from_linear(module, threshold=cfg.threshold if cfg.fmt == "llm.int8" else 0.0), None
+    return Linear4bit.from_linear(module, fmt=cfg.fmt, block_size=cfg.block_size,
+                                  double_quant=cfg.double_quant), None
 
 
 @dataclass
@@ -37,26 +84,29 @@ def _attention_handler(module: nn.Module, backend: str):
     return None
 
 
-def convert(model: nn.Module, *, attention: bool = True, linear=None,
+def convert(model: nn.Module, *, attention: bool = True,
+            linear: Union[None, str, LinearConfig] = None,
             filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
             backend: str = "tilefuse") -> ConversionReport:
     """Replace supported layers of ``model`` in place and return a :class:`ConversionReport`.
 
     attention: swap Hugging Face BERT / RoBERTa / ViT self-attention for the fused kernel
         (padding masks handled; the projections are kept, so ``state_dict`` keys are unchanged).
-    linear: ``None`` or a low-bit format; not available in this build yet.
+    linear: ``None``, a format name (see :data:`LINEAR_FORMATS`) or a :class:`LinearConfig`:
+        swap every ``nn.Linear`` (including the projections kept inside converted attention)
+        for ``Int8Linear`` / ``Linear4bit``.
     filter_fn(module, qualified_name) -> bool: convert only where it returns True.
     backend: ``"tilefuse"`` or ``"reference"`` (pure PyTorch, for A/B checks).
     """
-    if linear is not None:
-        raise NotImplementedError(
-            "tilefuse.convert(linear=...): low-bit linear layers are not in this build yet")
+    lin_cfg = _linear_config(linear)
     report = ConversionReport()
 
     def walk(parent: nn.Module, prefix: str):
         for name, child in list(parent.named_children()):
             fqn = f"{prefix}.{name}" if prefix else name
             result = _attention_handler(child, backend) if attention else None
+            if result is None and lin_cfg is not None:
+                result = _linear_handler(child, lin_cfg)
             if result is not None:
                 if filter_fn is not None and not filter_fn(child, fqn):
                     report.left.append((fqn, type(child).__name__, "excluded by filter_fn"))
@@ -67,6 +117,7 @@ def convert(model: nn.Module, *, attention: bool = True, linear=None,
                 else:
                     setattr(parent, name, new)
                     report.replaced.append((fqn, type(child).__name__, type(new).__name__))
+                    walk(new, fqn)  # e.g. the projections kept inside converted attention
                 continue
             walk(child, fqn)
 
