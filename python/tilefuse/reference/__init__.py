@@ -6,5 +6,6 @@ against them.
 """
 
 from .attention import attention
+from .neighborhood import na, window_attention
 
-__all__ = ["attention"]
+__all__ = ["attention", "na", "window_attention"]
