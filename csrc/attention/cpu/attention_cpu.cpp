@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "aten_utils.h"
+#include "cpu_operands.h"
 #include "tilefuse/cpu/attention.h"
 #include "tilefuse/cpu/isa.h"
 
@@ -111,46 +112,6 @@ AttnShapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
   }
   TORCH_CHECK_VALUE(q.device().is_cpu(), "attention: the CPU kernel got q on ", q.device());
   return s;
-}
-
-/// Compute type of the kernels: double for float64 inputs (checking), float otherwise.
-at::ScalarType compute_type(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-/// [Tn, H, C] -> a strided view for the kernels. Zero-copy when x already has the compute
-/// dtype and unit stride along C (and, for a GEMM B operand, C is a multiple of 16); otherwise
-/// a token-major copy, zero padded to Cp columns for B operands, kept alive in `keep`.
-template <class T>
-Operand<T> make_operand(const at::Tensor& x, int64_t Cp, bool b_operand,
-                        std::vector<at::Tensor>& keep) {
-  const int64_t C = x.size(2);
-  if (x.scalar_type() == c10::CppTypeToScalarType<T>::value && x.stride(2) == 1 &&
-      (!b_operand || C == Cp)) {
-    keep.push_back(x);  // x may be a temporary (a reshape that copied)
-    return {x.const_data_ptr<T>(), x.stride(0), x.stride(1)};
-  }
-  const int64_t width = b_operand ? Cp : C;
-  auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor buf = width == C ? at::empty({x.size(0), x.size(1), width}, opts)
-                              : at::zeros({x.size(0), x.size(1), width}, opts);
-  buf.narrow(2, 0, C).copy_(x);
-  keep.push_back(buf);
-  return {buf.const_data_ptr<T>(), buf.stride(0), buf.stride(1)};
-}
-
-/// An operand [Tn, H, C] -> [H, C, Tn + 16]: transposed, 16 zero columns past the end.
-template <class T>
-at::Tensor transposed(const Operand<T>& src, int64_t H, int64_t Tn, int64_t C,
-                      const at::TensorOptions& opts) {
-  at::Tensor buf = at::empty({H, C, Tn + 16}, opts.dtype(c10::CppTypeToScalarType<T>::value));
-  const ParallelRunner r = aten_runner();
-  T* dst = buf.mutable_data_ptr<T>();
-  if (cpu::current_isa() == cpu::Isa::kAvx2)
-    cpu::avx2::transpose_heads(src, H, Tn, C, dst, Tn + 16, r);
-  else
-    cpu::generic::transpose_heads(src, H, Tn, C, dst, Tn + 16, r);
-  return buf;
 }
 
 template <class T>

@@ -7,5 +7,7 @@ against them.
 
 from .attention import attention
 from .block_sparse import block_sparse_attention, block_sparse_element_mask
+from .neighborhood import na, window_attention
 
-__all__ = ["attention", "block_sparse_attention", "block_sparse_element_mask"]
+__all__ = ["attention", "block_sparse_attention", "block_sparse_element_mask", "na",
+           "window_attention"]

@@ -56,3 +56,23 @@ struct AttentionParams {
 };
 
 }  // namespace tilefuse
+
+namespace tilefuse {
+
+/// \brief Extra operands of the window (neighborhood / Swin) policy. The bias table is the
+/// canonical [H, R0, R1, R2] layout indexed by (key - query) + (R - 1) / 2 per axis, already
+/// multiplied by log2(e) (the loop works with base-2 logits). Per-item partial gradients are
+/// indexed by the backward work item (head, sequence, chunk) and summed by the caller, so
+/// the bias and padding gradients are deterministic without atomics.
+template <class T>
+struct WindowExtras {
+  const T* bias = nullptr;  // [H, R0, R1, R2] or null
+  index_t R[3] = {1, 1, 1};
+  const T* k_pad = nullptr;  // [Hkv, D]: key of Swin padding positions (null: zeros)
+  const T* v_pad = nullptr;  // [Hkv, Dv]
+  T* dbias = nullptr;        // [items, R0 R1 R2]
+  T* dk_pad = nullptr;       // [items, D]
+  T* dv_pad = nullptr;       // [items, Dv]
+};
+
+}  // namespace tilefuse

@@ -43,16 +43,132 @@ void mask_tile(const Mask& mask, int state, T* S, index_t qm, index_t kn, index_
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// The tile step: one (query tile, key tile) pair of the forward and of the backward. Every
+// mask policy runs through these two functions; the drivers below only differ in where the
+// tiles come from (contiguous token ranges, or gathered spatial boxes) and how they are masked.
+
 template <class T>
 struct FwdScratch {
   std::vector<T> S, O, m, l, alpha;
+  // Gathered operands of spatial tiles (unused by contiguous tiles).
+  std::vector<T> Qg, KTg, Vg;
+  std::vector<index_t> qtok, ktok;
 };
+
+template <class T>
+void fwd_init(index_t qm, index_t Dvp, FwdScratch<T>& s) {
+  for (index_t i = 0; i < qm; ++i) {
+    s.m[i] = kNegInf<T>;
+    s.l[i] = 0;
+  }
+  std::fill(s.O.begin(), s.O.begin() + qm * Dvp, T(0));
+}
+
+/// S = Q K^T (base-2 logits), mask(S) (the policy's mask, bias and the ragged columns), online
+/// softmax update, O = diag(alpha) O + P V. Q is [qm, D] (row stride ldq), KT [D, >= kn16]
+/// (ld ldkt), V [kn, Dvp] (row stride ldv).
+template <class T, class MaskFn>
+void fwd_step(const AttentionParams<T>& p, const T* Q, index_t ldq, index_t qm, const T* KT,
+              index_t ldkt, const T* V, index_t ldv, index_t kn, FwdScratch<T>& s,
+              const MaskFn& mask) {
+  constexpr int W = VecTraits<T>::W;
+  const T c2 = p.scale * T(kLog2ed);  // logits in base 2
+  T *S = s.S.data(), *O = s.O.data(), *m = s.m.data(), *l = s.l.data(), *alpha = s.alpha.data();
+  const index_t kn16 = round_up(kn, 16);
+  gemm<GemmOut::kStoreScaled>(qm, kn16, p.D, Q, ldq, 1, KT, ldkt, S, BK, &c2);
+  mask(S, kn, kn16);
+  for (index_t i = 0; i < qm; ++i) {
+    T* row = S + i * BK;
+    vec_t<T> mx = splatv(kNegInf<T>);
+    for (index_t j = 0; j < kn16; j += W) mx = vmax<T>(mx, loadv(row + j));
+    const T rmax = hmax<T>(mx);
+    const T mnew = rmax > m[i] ? rmax : m[i];
+    if (mnew == kNegInf<T>) {  // every key so far masked for this row
+      alpha[i] = 1;
+      std::fill(row, row + kn16, T(0));
+      continue;
+    }
+    alpha[i] = std::exp2(m[i] - mnew);
+    vec_t<T> sum{};
+    for (index_t j = 0; j < kn16; j += W) {
+      const vec_t<T> e = exp2v(loadv(row + j) - mnew);
+      storev(row + j, e);
+      sum += e;
+    }
+    l[i] = l[i] * alpha[i] + hsum<T>(sum);
+    m[i] = mnew;
+  }
+  gemm<GemmOut::kScaleAccumulate>(qm, p.Dvp, kn, S, BK, 1, V, ldv, O, p.Dvp, alpha);
+}
+
+/// Writes normalised output row i of head h to global token t, and its LSE (natural log).
+template <class T>
+void fwd_write_row(const AttentionParams<T>& p, const FwdScratch<T>& s, index_t i, index_t h,
+                   index_t t) {
+  T* orow = p.o + (t * p.H + h) * p.Dv;
+  const T l = s.l[i];
+  if (l == 0) {  // no visible key: output 0, LSE -inf (documented)
+    std::fill(orow, orow + p.Dv, T(0));
+    p.lse[t * p.H + h] = kNegInf<T>;
+    return;
+  }
+  const T inv = T(1) / l;
+  const T* O = s.O.data() + i * p.Dvp;
+  for (index_t c = 0; c < p.Dv; ++c) orow[c] = O[c] * inv;
+  p.lse[t * p.H + h] = (s.m[i] + std::log2(l)) * T(kLn2d);
+}
+
+template <class T>
+struct BwdScratch {
+  std::vector<T> S, dP, dK, dV;
+  // Gathered operands of spatial tiles (unused by contiguous tiles).
+  std::vector<T> Qg, dOg, Kg, KTg, VTg, dQg, lse, delta;
+  std::vector<index_t> qtok, ktok;
+};
+
+/// One backward tile pair: recompute P from the saved LSE (lse2: base-2 LSE per row, +inf for
+/// rows without keys), dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dK += dS^T Q and
+/// dQ (+)= dS K (accumulated in place when kDQAccumulate, else stored to dQ for a scatter).
+/// `after_ds(dS)` sees dS before the reductions (bias gradients).
+template <bool kDQAccumulate, class T, class MaskFn, class DsFn>
+void bwd_step(const AttentionParams<T>& p, const T* Q, index_t ldq, const T* dO, index_t lddo,
+              index_t qm, const T* lse2, const T* delta, const T* KT, index_t ldkt, const T* VT,
+              index_t ldvt, const T* K, index_t ldk, index_t kn, T* dK, T* dV, T* dQ,
+              index_t lddq, BwdScratch<T>& s, const MaskFn& mask, const DsFn& after_ds) {
+  constexpr int W = VecTraits<T>::W;
+  const T c2 = p.scale * T(kLog2ed);
+  T *S = s.S.data(), *dP = s.dP.data();
+  const index_t kn16 = round_up(kn, 16);
+  gemm<GemmOut::kStoreScaled>(qm, kn16, p.D, Q, ldq, 1, KT, ldkt, S, BK, &c2);
+  mask(S, kn, kn16);
+  for (index_t i = 0; i < qm; ++i) {  // P = exp2(s - lse2)
+    T* row = S + i * BK;
+    for (index_t j = 0; j < kn16; j += W) storev(row + j, exp2v(loadv(row + j) - lse2[i]));
+  }
+  gemm<GemmOut::kAccumulate>(kn, p.Dvp, qm, S, 1, BK, dO, lddo, dV, p.Dvp);
+  gemm<GemmOut::kStore>(qm, kn16, p.Dv, dO, lddo, 1, VT, ldvt, dP, BK);
+  for (index_t i = 0; i < qm; ++i) {
+    T* ds = dP + i * BK;
+    const T* pr = S + i * BK;
+    for (index_t j = 0; j < kn16; j += W) storev(ds + j, loadv(pr + j) * (loadv(ds + j) - delta[i]));
+  }
+  after_ds(dP);
+  // Only the first kn columns of dS feed the reductions (the ragged tail may hold garbage).
+  gemm<GemmOut::kAccumulate>(kn, p.Dp, qm, dP, 1, BK, Q, ldq, dK, p.Dp);
+  if constexpr (kDQAccumulate)
+    gemm<GemmOut::kAccumulate>(qm, p.Dp, kn, dP, BK, 1, K, ldk, dQ, lddq);
+  else
+    gemm<GemmOut::kStore>(qm, p.Dp, kn, dP, BK, 1, K, ldk, dQ, lddq);
+}
+
+// ---------------------------------------------------------------------------------------
+// Driver 1: contiguous token ranges (dense, causal, sliding window; mask.h policies).
 
 template <class Mask, class T>
 void fwd_tile(const AttentionParams<T>& p, const typename Mask::Args& margs, index_t h, index_t b,
               index_t qt, FwdScratch<T>& s) {
   const index_t hk = h / (p.H / p.Hkv);
-  constexpr int W = VecTraits<T>::W;
   const index_t qbeg = p.cu_q[b], Sq = p.cu_q[b + 1] - qbeg;
   const index_t kbeg = p.cu_k[b], Sk = p.cu_k[b + 1] - kbeg;
   const Mask mask = Mask::make(margs, Sq, Sk);
@@ -60,15 +176,7 @@ void fwd_tile(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
   const T* Q = p.q.at(h, qbeg + q0);
   const T* KT = p.kt + hk * p.D * p.ldkt + kbeg;
   const T* V = p.v.at(hk, kbeg);
-  const T c2 = p.scale * T(kLog2ed);  // logits in base 2
-  T *S = s.S.data(), *O = s.O.data(), *m = s.m.data(), *l = s.l.data();
-  T* alpha = s.alpha.data();
-  for (index_t i = 0; i < qm; ++i) {
-    m[i] = kNegInf<T>;
-    l[i] = 0;
-  }
-  std::fill(O, O + qm * p.Dvp, T(0));
-
+  fwd_init(qm, p.Dvp, s);
   index_t klo, khi;
   mask.key_range(q0, q0 + qm, klo, khi);
   // Key tiles start at the first visible key (not at a multiple of BK): a band of width w
@@ -77,46 +185,31 @@ void fwd_tile(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
     const index_t kn = imin(BK, khi - k0);
     const int state = mask.tile(q0, q0 + qm, k0, k0 + kn);
     if (state == kTileSkip) continue;
-    const index_t kn16 = round_up(kn, 16);
-    gemm<GemmOut::kStoreScaled>(qm, kn16, p.D, Q, p.q.row_stride, 1, KT + k0, p.ldkt, S, BK,
-                                &c2);
-    if (state == kTilePartial || kn16 != kn) mask_tile(mask, state, S, qm, kn, kn16, q0, k0);
-    for (index_t i = 0; i < qm; ++i) {
-      T* row = S + i * BK;
-      vec_t<T> mx = splatv(kNegInf<T>);
-      for (index_t j = 0; j < kn16; j += W) mx = vmax<T>(mx, loadv(row + j));
-      const T rmax = hmax<T>(mx);
-      const T mnew = rmax > m[i] ? rmax : m[i];
-      if (mnew == kNegInf<T>) {  // every key so far masked for this row
-        alpha[i] = 1;
-        std::fill(row, row + kn16, T(0));
-        continue;
-      }
-      alpha[i] = std::exp2(m[i] - mnew);
-      vec_t<T> sum{};
-      for (index_t j = 0; j < kn16; j += W) {
-        const vec_t<T> e = exp2v(loadv(row + j) - mnew);
-        storev(row + j, e);
-        sum += e;
-      }
-      l[i] = l[i] * alpha[i] + hsum<T>(sum);
-      m[i] = mnew;
-    }
-    gemm<GemmOut::kScaleAccumulate>(qm, p.Dvp, kn, S, BK, 1, V + k0 * p.v.row_stride,
-                                    p.v.row_stride, O, p.Dvp, alpha);
+    fwd_step(p, Q, p.q.row_stride, qm, KT + k0, p.ldkt, V + k0 * p.v.row_stride,
+             p.v.row_stride, kn, s, [&](T* S, index_t kn_, index_t kn16) {
+               if (state == kTilePartial || kn16 != kn_)
+                 mask_tile(mask, state, S, qm, kn_, kn16, q0, k0);
+             });
   }
-  for (index_t i = 0; i < qm; ++i) {
-    const index_t t = qbeg + q0 + i;
-    T* orow = p.o + (t * p.H + h) * p.Dv;
-    if (l[i] == 0) {  // no visible key: output 0, LSE -inf (documented)
-      std::fill(orow, orow + p.Dv, T(0));
-      p.lse[t * p.H + h] = kNegInf<T>;
-      continue;
-    }
-    const T inv = T(1) / l[i];
-    for (index_t c = 0; c < p.Dv; ++c) orow[c] = O[i * p.Dvp + c] * inv;
-    p.lse[t * p.H + h] = (m[i] + std::log2(l[i])) * T(kLn2d);
+  for (index_t i = 0; i < qm; ++i) fwd_write_row(p, s, i, h, qbeg + q0 + i);
+}
+
+template <class T>
+FwdScratch<T> fwd_scratch(const AttentionParams<T>& p, bool gathered) {
+  FwdScratch<T> s;
+  s.S.resize(BQ * BK);
+  s.O.resize(BQ * p.Dvp);
+  s.m.resize(BQ);
+  s.l.resize(BQ);
+  s.alpha.resize(BQ);
+  if (gathered) {
+    s.Qg.resize(BQ * p.Dp);
+    s.KTg.assign(p.D * BK, T(0));
+    s.Vg.resize(BK * p.Dvp);
+    s.qtok.resize(BQ);
+    s.ktok.resize(BK);
   }
+  return s;
 }
 
 template <class Mask, class T>
@@ -127,12 +220,7 @@ void attention_fwd(const AttentionParams<T>& p, const typename Mask::Args& margs
   for (index_t b = 0; b < p.B; ++b)
     tile_start[b + 1] = tile_start[b] + ceil_div(p.cu_q[b + 1] - p.cu_q[b], BQ);
   const index_t tiles = tile_start[p.B];
-  FwdScratch<T> proto;
-  proto.S.resize(BQ * BK);
-  proto.O.resize(BQ * p.Dvp);
-  proto.m.resize(BQ);
-  proto.l.resize(BQ);
-  proto.alpha.resize(BQ);
+  const FwdScratch<T> proto = fwd_scratch(p, false);
   for_each_item(r, p.H * tiles, proto, [&](index_t it, FwdScratch<T>& s) {
     const index_t h = it / tiles, t = it % tiles;
     index_t b = 0;
@@ -141,16 +229,10 @@ void attention_fwd(const AttentionParams<T>& p, const typename Mask::Args& margs
   });
 }
 
-template <class T>
-struct BwdScratch {
-  std::vector<T> S, dP, dK, dV;
-};
-
 template <class Mask, class T>
 void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, index_t h, index_t b,
               index_t chunk, BwdScratch<T>& s) {
   const index_t hk = h / (p.H / p.Hkv);
-  constexpr int W = VecTraits<T>::W;
   const index_t qbeg = p.cu_q[b], Sq = p.cu_q[b + 1] - qbeg;
   const index_t kbeg = p.cu_k[b], Sk = p.cu_k[b + 1] - kbeg;
   const Mask mask = Mask::make(margs, Sq, Sk);
@@ -159,15 +241,14 @@ void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
   const T* Qh = p.q.at(h, qbeg);
   const T* dOh = p.dout.at(h, qbeg);
   const index_t ldq = p.q.row_stride, lddo = p.dout.row_stride, ldk = p.k.row_stride;
-  const T c2 = p.scale * T(kLog2ed);
   const T* KT = p.kt + hk * p.D * p.ldkt + kbeg;
   const T* VT = p.vt + hk * p.Dv * p.ldvt + kbeg;
   const T* K = p.k.at(hk, kbeg);
   T* dQ = p.dq + ((chunk * p.H + h) * p.Tq + qbeg) * p.Dp;
-  T *S = s.S.data(), *dP = s.dP.data(), *dK = s.dK.data(), *dV = s.dV.data();
+  T *dK = s.dK.data(), *dV = s.dV.data(), *lse2 = s.lse.data(), *delta = s.delta.data();
 
   for (index_t kt = kt_begin; kt < kt_end; ++kt) {
-    const index_t k0 = kt * BK, kn = imin(BK, Sk - k0), kn16 = round_up(kn, 16);
+    const index_t k0 = kt * BK, kn = imin(BK, Sk - k0);
     std::fill(dK, dK + kn * p.Dp, T(0));
     std::fill(dV, dV + kn * p.Dvp, T(0));
     index_t qlo, qhi;
@@ -176,29 +257,21 @@ void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
       const index_t qm = imin(BQ, qhi - q0);
       const int state = mask.tile(q0, q0 + qm, k0, k0 + kn);
       if (state == kTileSkip) continue;
-      const T* Q = Qh + q0 * ldq;
-      const T* dO = dOh + q0 * lddo;
-      gemm<GemmOut::kStoreScaled>(qm, kn16, p.D, Q, ldq, 1, KT + k0, p.ldkt, S, BK, &c2);
-      if (state == kTilePartial || kn16 != kn) mask_tile(mask, state, S, qm, kn, kn16, q0, k0);
-      // P = exp(s - lse), in base 2; rows without any visible key have lse = -inf and P = 0.
       for (index_t i = 0; i < qm; ++i) {
-        const T lse = p.lse_in[(qbeg + q0 + i) * p.H + h];
-        const T lse2 = lse == kNegInf<T> ? std::numeric_limits<T>::infinity() : lse * T(kLog2ed);
-        T* row = S + i * BK;
-        for (index_t j = 0; j < kn16; j += W) storev(row + j, exp2v(loadv(row + j) - lse2));
+        const index_t t = (qbeg + q0 + i) * p.H + h;
+        const T lse = p.lse_in[t];
+        // Rows without any visible key have lse = -inf: P = exp2(-inf - inf) = 0.
+        lse2[i] = lse == kNegInf<T> ? std::numeric_limits<T>::infinity() : lse * T(kLog2ed);
+        delta[i] = p.delta[t];
       }
-      gemm<GemmOut::kAccumulate>(kn, p.Dvp, qm, S, 1, BK, dO, lddo, dV, p.Dvp);
-      gemm<GemmOut::kStore>(qm, kn16, p.Dv, dO, lddo, 1, VT + k0, p.ldvt, dP, BK);
-      for (index_t i = 0; i < qm; ++i) {
-        const T delta = p.delta[(qbeg + q0 + i) * p.H + h];
-        T* ds = dP + i * BK;
-        const T* pr = S + i * BK;
-        for (index_t j = 0; j < kn16; j += W) storev(ds + j, loadv(pr + j) * (loadv(ds + j) - delta));
-      }
-      // Only the first kn columns of dS feed the reductions (the ragged tail may hold garbage).
-      gemm<GemmOut::kAccumulate>(kn, p.Dp, qm, dP, 1, BK, Q, ldq, dK, p.Dp);
-      gemm<GemmOut::kAccumulate>(qm, p.Dp, kn, dP, BK, 1, K + k0 * ldk, ldk, dQ + q0 * p.Dp,
-                                 p.Dp);
+      bwd_step<true>(p, Qh + q0 * ldq, ldq, dOh + q0 * lddo, lddo, qm, lse2, delta, KT + k0,
+                     p.ldkt, VT + k0, p.ldvt, K + k0 * ldk, ldk, kn, dK, dV, dQ + q0 * p.Dp,
+                     p.Dp, s,
+                     [&](T* S, index_t kn_, index_t kn16) {
+                       if (state == kTilePartial || kn16 != kn_)
+                         mask_tile(mask, state, S, qm, kn_, kn16, q0, k0);
+                     },
+                     [](T*) {});
     }
     // dK = scale * dS^T q.
     T* dKo = p.dk + (h * p.Tk + kbeg + k0) * p.Dp;
@@ -208,14 +281,32 @@ void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
   }
 }
 
+template <class T>
+BwdScratch<T> bwd_scratch(const AttentionParams<T>& p, bool gathered) {
+  BwdScratch<T> s;
+  s.S.resize(BQ * BK);
+  s.dP.resize(BQ * BK);
+  s.dK.resize(BK * p.Dp);
+  s.dV.resize(BK * p.Dvp);
+  s.lse.resize(BQ);
+  s.delta.resize(BQ);
+  if (gathered) {
+    s.Qg.resize(BQ * p.Dp);
+    s.dOg.resize(BQ * p.Dvp);
+    s.Kg.resize(BK * p.Dp);
+    s.KTg.assign(p.D * BK, T(0));
+    s.VTg.assign(p.Dv * BK, T(0));
+    s.dQg.resize(BQ * p.Dp);
+    s.qtok.resize(BQ);
+    s.ktok.resize(BK);
+  }
+  return s;
+}
+
 template <class Mask, class T>
 void attention_bwd(const AttentionParams<T>& p, const typename Mask::Args& margs,
                    const ParallelRunner& r) {
-  BwdScratch<T> proto;
-  proto.S.resize(BQ * BK);
-  proto.dP.resize(BQ * BK);
-  proto.dK.resize(BK * p.Dp);
-  proto.dV.resize(BK * p.Dvp);
+  const BwdScratch<T> proto = bwd_scratch(p, false);
   const index_t per_head = p.B * p.n_kv_chunks;
   for_each_item(r, p.H * per_head, proto, [&](index_t it, BwdScratch<T>& s) {
     const index_t h = it / per_head, rest = it % per_head;

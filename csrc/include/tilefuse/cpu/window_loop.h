@@ -1,0 +1,263 @@
+// SPDX-License-Identifier: Apache-2.0
+// Driver 2 of the attention main loop: spatial tiles for the window policy (neighborhood
+// attention, Swin windows; tilefuse/attention/window.h). Query tiles are boxes of the token
+// grid, key tiles are boxes of the key union of a query tile; both are gathered into small
+// contiguous buffers (one copy of D floats per token, ~1/64 of the tile's GEMM work) and run
+// through the same tile step as the 1-D policies (fwd_step / bwd_step in attention_loop.h).
+// Included by the ISA-tier kernel files only.
+#pragma once
+#include <cstring>
+
+#include "tilefuse/attention/window.h"
+#include "tilefuse/cpu/attention_loop.h"
+
+namespace tilefuse::cpu::TF_ISA_NS {
+namespace attn_detail {
+
+/// Sequence-local token index of each position of box b (row-major), -1 for padding keys.
+inline index_t box_tokens(const WindowMask& m, const Box& b, index_t* tok) {
+  index_t n = 0;
+  for (index_t c0 = b.lo[0]; c0 < b.hi[0]; ++c0)
+    for (index_t c1 = b.lo[1]; c1 < b.hi[1]; ++c1)
+      for (index_t c2 = b.lo[2]; c2 < b.hi[2]; ++c2) tok[n++] = m.token(c0, c1, c2);
+  return n;
+}
+
+/// dst[i * ld + c] = row(tok[i])[c] for c < C, or pad[c] (zeros when pad is null) for tok < 0.
+template <class T, class Row>
+void gather_rows(const index_t* tok, index_t n, index_t C, const Row& row, const T* pad,
+                 index_t padC, T* dst, index_t ld) {
+  for (index_t i = 0; i < n; ++i) {
+    T* d = dst + i * ld;
+    if (tok[i] >= 0) {
+      std::memcpy(d, row(tok[i]), C * sizeof(T));
+    } else {
+      std::fill(d, d + C, T(0));
+      if (pad) std::memcpy(d, pad, padC * sizeof(T));
+    }
+  }
+}
+
+/// dst[c * ld + i] = src[c * lds + tok[i]] for c < C (a transposed operand), runs of
+/// consecutive tokens copied at once; padding tokens take pad[c].
+template <class T>
+void gather_cols(const index_t* tok, index_t n, index_t C, const T* src, index_t lds,
+                 const T* pad, T* dst, index_t ld) {
+  for (index_t i = 0; i < n;) {
+    if (tok[i] < 0) {
+      for (index_t c = 0; c < C; ++c) dst[c * ld + i] = pad ? pad[c] : T(0);
+      ++i;
+      continue;
+    }
+    index_t len = 1;
+    while (i + len < n && tok[i + len] == tok[i] + len) ++len;
+    for (index_t c = 0; c < C; ++c) std::memcpy(dst + c * ld + i, src + c * lds + tok[i], len * sizeof(T));
+    i += len;
+  }
+}
+
+/// Visits, for every query row of box qb, its window intersected with key box kb as runs:
+/// fn(i, x, col, a, e, c0, c1) for each key row (c0, c1) of kb starting at column col, where
+/// columns [col + a, col + e) are visible and the rest of the row [col, col + w2) is not.
+template <class Fn>
+void for_each_window_run(const WindowMask& m, const Box& qb, const Box& kb, const Fn& fn) {
+  const index_t w2 = kb.extent(2);
+  index_t i = 0;
+  for (index_t x0 = qb.lo[0]; x0 < qb.hi[0]; ++x0)
+    for (index_t x1 = qb.lo[1]; x1 < qb.hi[1]; ++x1)
+      for (index_t x2 = qb.lo[2]; x2 < qb.hi[2]; ++x2, ++i) {
+        const index_t x[3] = {x0, x1, x2};
+        index_t lo[3], hi[3];
+        for (int ax = 0; ax < 3; ++ax) m.window(ax, x[ax], lo[ax], hi[ax]);
+        index_t col = 0;
+        for (index_t c0 = kb.lo[0]; c0 < kb.hi[0]; ++c0)
+          for (index_t c1 = kb.lo[1]; c1 < kb.hi[1]; ++c1, col += w2) {
+            const bool in = c0 >= lo[0] && c0 < hi[0] && c1 >= lo[1] && c1 < hi[1];
+            const index_t a = in ? imin(w2, imax(0, lo[2] - kb.lo[2])) : w2;
+            const index_t e = in ? imax(a, imin(w2, hi[2] - kb.lo[2])) : w2;
+            fn(i, x, col, a, e, c0, c1);
+          }
+      }
+}
+
+/// Offset into the canonical bias table of key (c0, c1, kb.lo[2] + a) seen from query x.
+inline index_t bias_index(const WindowMask& m, const index_t* R, const index_t* x, index_t c0,
+                          index_t c1, index_t c2) {
+  return ((c0 - x[0] + m.bias_offset(0)) * R[1] + (c1 - x[1] + m.bias_offset(1))) * R[2] +
+         (c2 - x[2] + m.bias_offset(2));
+}
+
+/// Masks (partial tiles) and biases one logits tile of query box qb against key box kb.
+template <class T>
+void window_mask_tile(const WindowMask& m, const Box& qb, const Box& kb, int state,
+                      const T* bias, const index_t* R, T* S, index_t qm, index_t kn,
+                      index_t kn16) {
+  if (state == kTilePartial || bias) {
+    for_each_window_run(m, qb, kb,
+                        [&](index_t i, const index_t* x, index_t col, index_t a, index_t e,
+                            index_t c0, index_t c1) {
+                          T* row = S + i * BK + col;
+                          if (state == kTilePartial) {
+                            std::fill(row, row + a, kNegInf<T>);
+                            std::fill(row + e, row + kb.extent(2), kNegInf<T>);
+                          }
+                          if (bias && e > a) {
+                            const T* bp = bias + bias_index(m, R, x, c0, c1, kb.lo[2] + a);
+                            for (index_t j = a; j < e; ++j) row[j] += bp[j - a];
+                          }
+                        });
+  }
+  for (index_t i = 0; i < qm; ++i) std::fill(S + i * BK + kn, S + i * BK + kn16, kNegInf<T>);
+}
+
+template <class T>
+void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
+                     const WindowExtras<T>& x, index_t h, index_t b, index_t qt,
+                     FwdScratch<T>& s) {
+  const index_t hk = h / (p.H / p.Hkv);
+  const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
+  const WindowMask m = WindowMask::make(args, b);
+  const Box qb = m.query_tile(qt);
+  index_t *qtok = s.qtok.data(), *ktok = s.ktok.data();
+  const index_t qm = box_tokens(m, qb, qtok);
+  gather_rows<T>(qtok, qm, p.D, [&](index_t t) { return p.q.at(h, qbeg + t); }, nullptr, 0,
+                 s.Qg.data(), p.Dp);
+  const T* KT = p.kt + hk * p.D * p.ldkt + kbeg;
+  const T* kpad = x.k_pad ? x.k_pad + hk * p.D : nullptr;
+  const T* vpad = x.v_pad ? x.v_pad + hk * p.Dv : nullptr;
+  const T* bias = x.bias ? x.bias + h * x.R[0] * x.R[1] * x.R[2] : nullptr;
+  fwd_init(qm, p.Dvp, s);
+  const BoxSplit split = BoxSplit::make(m.key_union(qb), BK);
+  for (index_t t = 0; t < split.count(); ++t) {
+    const Box kb = split.piece(t);
+    const index_t kn = box_tokens(m, kb, ktok);
+    gather_cols(ktok, kn, p.D, KT, p.ldkt, kpad, s.KTg.data(), BK);
+    gather_rows<T>(ktok, kn, p.Dvp, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad, p.Dv,
+                   s.Vg.data(), p.Dvp);
+    const int state = m.tile(qb, kb);
+    fwd_step(p, s.Qg.data(), p.Dp, qm, s.KTg.data(), BK, s.Vg.data(), p.Dvp, kn, s,
+             [&](T* S, index_t kn_, index_t kn16) {
+               window_mask_tile(m, qb, kb, state, bias, x.R, S, qm, kn_, kn16);
+             });
+  }
+  for (index_t i = 0; i < qm; ++i) fwd_write_row(p, s, i, h, qbeg + qtok[i]);
+}
+
+template <class T>
+void window_fwd(const AttentionParams<T>& p, const WindowMask::Args& args,
+                const WindowExtras<T>& x, const ParallelRunner& r) {
+  std::vector<index_t> tile_start(p.B + 1, 0);
+  for (index_t b = 0; b < p.B; ++b)
+    tile_start[b + 1] = tile_start[b] + WindowMask::make(args, b).num_query_tiles();
+  const index_t tiles = tile_start[p.B];
+  const FwdScratch<T> proto = fwd_scratch(p, true);
+  for_each_item(r, p.H * tiles, proto, [&](index_t it, FwdScratch<T>& s) {
+    const index_t h = it / tiles, t = it % tiles;
+    index_t b = 0;
+    while (tile_start[b + 1] <= t) ++b;
+    window_fwd_tile(p, args, x, h, b, t - tile_start[b], s);
+  });
+}
+
+template <class T>
+void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
+                     const WindowExtras<T>& x, index_t h, index_t b, index_t chunk, index_t item,
+                     BwdScratch<T>& s) {
+  const index_t hk = h / (p.H / p.Hkv);
+  const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
+  const WindowMask m = WindowMask::make(args, b);
+  const index_t nkt = m.num_key_tiles();
+  const index_t kt_begin = chunk * nkt / p.n_kv_chunks, kt_end = (chunk + 1) * nkt / p.n_kv_chunks;
+  const T* KT = p.kt + hk * p.D * p.ldkt + kbeg;
+  const T* VT = p.vt + hk * p.Dv * p.ldvt + kbeg;
+  const T* kpad = x.k_pad ? x.k_pad + hk * p.D : nullptr;
+  const T* vpad = x.v_pad ? x.v_pad + hk * p.Dv : nullptr;
+  const index_t Rn = x.R[0] * x.R[1] * x.R[2];
+  const T* bias = x.bias ? x.bias + h * Rn : nullptr;
+  T* dbias = x.dbias ? x.dbias + item * Rn : nullptr;
+  T* dkpad = x.dk_pad ? x.dk_pad + item * p.D : nullptr;
+  T* dvpad = x.dv_pad ? x.dv_pad + item * p.Dv : nullptr;
+  T* dQ = p.dq + ((chunk * p.H + h) * p.Tq + qbeg) * p.Dp;
+  T *dK = s.dK.data(), *dV = s.dV.data(), *lse2 = s.lse.data(), *delta = s.delta.data();
+  index_t *qtok = s.qtok.data(), *ktok = s.ktok.data();
+
+  for (index_t kt = kt_begin; kt < kt_end; ++kt) {
+    const Box kb = m.key_tile(kt);
+    Box qu;
+    if (!m.query_union(kb, qu)) continue;  // keys nobody sees: gradients stay 0
+    const index_t kn = box_tokens(m, kb, ktok);
+    gather_rows<T>(ktok, kn, p.Dp, [&](index_t j) { return p.k.at(hk, kbeg + j); }, kpad, p.D,
+                   s.Kg.data(), p.Dp);
+    gather_cols(ktok, kn, p.D, KT, p.ldkt, kpad, s.KTg.data(), BK);
+    gather_cols(ktok, kn, p.Dv, VT, p.ldvt, vpad, s.VTg.data(), BK);
+    std::fill(dK, dK + kn * p.Dp, T(0));
+    std::fill(dV, dV + kn * p.Dvp, T(0));
+    const BoxSplit split = BoxSplit::make(qu, BQ);
+    for (index_t t = 0; t < split.count(); ++t) {
+      const Box qb = split.piece(t);
+      const index_t qm = box_tokens(m, qb, qtok);
+      gather_rows<T>(qtok, qm, p.Dp, [&](index_t i) { return p.q.at(h, qbeg + i); }, nullptr, 0,
+                     s.Qg.data(), p.Dp);
+      gather_rows<T>(qtok, qm, p.Dvp, [&](index_t i) { return p.dout.at(h, qbeg + i); }, nullptr,
+                     0, s.dOg.data(), p.Dvp);
+      for (index_t i = 0; i < qm; ++i) {
+        const index_t g = (qbeg + qtok[i]) * p.H + h;
+        const T lse = p.lse_in[g];
+        lse2[i] = lse == kNegInf<T> ? std::numeric_limits<T>::infinity() : lse * T(kLog2ed);
+        delta[i] = p.delta[g];
+      }
+      const int state = m.tile(qb, kb);
+      bwd_step<false>(
+          p, s.Qg.data(), p.Dp, s.dOg.data(), p.Dvp, qm, lse2, delta, s.KTg.data(), BK,
+          s.VTg.data(), BK, s.Kg.data(), p.Dp, kn, dK, dV, s.dQg.data(), p.Dp, s,
+          [&](T* S, index_t kn_, index_t kn16) {
+            window_mask_tile(m, qb, kb, state, bias, x.R, S, qm, kn_, kn16);
+          },
+          [&](const T* dS) {
+            if (!dbias) return;
+            for_each_window_run(m, qb, kb,
+                                [&](index_t i, const index_t* xq, index_t col, index_t a,
+                                    index_t e, index_t c0, index_t c1) {
+                                  if (e <= a) return;
+                                  T* g = dbias + bias_index(m, x.R, xq, c0, c1, kb.lo[2] + a);
+                                  const T* d = dS + i * BK + col;
+                                  for (index_t j = a; j < e; ++j) g[j - a] += d[j];
+                                });
+          });
+      for (index_t i = 0; i < qm; ++i) {
+        T* dst = dQ + qtok[i] * p.Dp;
+        const T* src = s.dQg.data() + i * p.Dp;
+        for (index_t c = 0; c < p.D; ++c) dst[c] += src[c];
+      }
+    }
+    for (index_t c = 0; c < kn; ++c) {
+      const T* dk = dK + c * p.Dp;
+      const T* dv = dV + c * p.Dvp;
+      if (ktok[c] >= 0) {
+        T* dKo = p.dk + (h * p.Tk + kbeg + ktok[c]) * p.Dp;
+        T* dVo = p.dv + (h * p.Tk + kbeg + ktok[c]) * p.Dvp;
+        for (index_t d = 0; d < p.D; ++d) dKo[d] = dk[d] * p.scale;
+        std::copy(dv, dv + p.Dv, dVo);
+      } else {
+        if (dkpad)
+          for (index_t d = 0; d < p.D; ++d) dkpad[d] += dk[d] * p.scale;
+        if (dvpad)
+          for (index_t d = 0; d < p.Dv; ++d) dvpad[d] += dv[d];
+      }
+    }
+  }
+}
+
+template <class T>
+void window_bwd(const AttentionParams<T>& p, const WindowMask::Args& args,
+                const WindowExtras<T>& x, const ParallelRunner& r) {
+  const BwdScratch<T> proto = bwd_scratch(p, true);
+  const index_t per_head = p.B * p.n_kv_chunks;
+  for_each_item(r, p.H * per_head, proto, [&](index_t it, BwdScratch<T>& s) {
+    const index_t h = it / per_head, rest = it % per_head;
+    window_bwd_item(p, args, x, h, rest / p.n_kv_chunks, rest % p.n_kv_chunks, it, s);
+  });
+}
+
+}  // namespace attn_detail
+}  // namespace tilefuse::cpu::TF_ISA_NS

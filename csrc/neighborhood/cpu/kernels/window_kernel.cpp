@@ -1,0 +1,29 @@
+// SPDX-License-Identifier: Apache-2.0
+// Instantiates the attention main loop's spatial driver for the window policy (neighborhood
+// attention and Swin windows), in float and double. Compiled once per ISA tier.
+#include "tilefuse/cpu/window.h"
+#include "tilefuse/cpu/window_loop.h"
+
+namespace tilefuse::cpu::TF_ISA_NS {
+
+template <class T>
+void window_fwd(const AttentionParams<T>& p, const WindowMask::Args& m, const WindowExtras<T>& x,
+                const ParallelRunner& r) {
+  attn_detail::window_fwd(p, m, x, r);
+}
+template <class T>
+void window_bwd(const AttentionParams<T>& p, const WindowMask::Args& m, const WindowExtras<T>& x,
+                const ParallelRunner& r) {
+  attn_detail::window_bwd(p, m, x, r);
+}
+
+#define TF_INSTANTIATE(T)                                                                    \
+  template void window_fwd<T>(const AttentionParams<T>&, const WindowMask::Args&,            \
+                              const WindowExtras<T>&, const ParallelRunner&);                \
+  template void window_bwd<T>(const AttentionParams<T>&, const WindowMask::Args&,            \
+                              const WindowExtras<T>&, const ParallelRunner&);
+TF_INSTANTIATE(float)
+TF_INSTANTIATE(double)
+#undef TF_INSTANTIATE
+
+}  // namespace tilefuse::cpu::TF_ISA_NS
