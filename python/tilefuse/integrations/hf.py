@@ -125,3 +125,72 @@ class HFSelfAttention(nn.Module):
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"scale={self.scaling:.4g}, dropout(train, via SDPA)={self.dropout_p}, "
                 f"backend={self.backend!r}")
+
+
+class HFSwinLayer(nn.Module):
+    """Drop-in for a Hugging Face ``SwinLayer``: one fused window-attention call on the feature
+    map instead of pad + roll + partition + attention + reverse + roll + crop.
+
+    The submodules (layer norms, ``attention`` with its projections and relative position
+    bias table, MLP) are the original objects, so ``state_dict`` keys are unchanged. HF pads
+    the normalised map with zeros *before* the projections, so padded keys and values are the
+    projection biases: they are passed as ``pad_kv``.
+    """
+
+    def __init__(self, layer: nn.Module, backend: str = "tilefuse"):
+        super().__init__()
+        if backend != "tilefuse":
+            raise NotImplementedError("HFSwinLayer: only the tilefuse backend (the reference "
+                                      "is the original layer)")
+        for name in ("layernorm_before", "layernorm_after", "attention", "mlp", "dropout",
+                     "drop_path"):
+            self.add_module(name, getattr(layer, name))
+        self.window_size = int(layer.window_size)
+        self.shift_size = int(layer.shift_size)
+        self.attention_dropout = float(getattr(self.attention, "attention_dropout", 0.0) or 0.0)
+        self.train(layer.training)
+
+    def forward(self, hidden_states: torch.Tensor, input_dimensions, always_partition=False,
+                **kwargs):
+        from ..neighborhood import window_attention
+
+        height, width = int(input_dimensions[0]), int(input_dimensions[1])
+        ws, shift = self.window_size, self.shift_size
+        if not always_partition and min(height, width) <= ws:
+            # HF: a map no larger than the window is one unshifted window.
+            ws, shift = min(height, width), 0
+        if self.training and self.attention_dropout > 0:
+            raise NotImplementedError("HFSwinLayer: attention dropout in training (the fused "
+                                      "kernel has none); set attention_probs_dropout_prob=0")
+        attn = self.attention
+        B, L, C = hidden_states.shape
+        heads, hd = attn.num_attention_heads, attn.head_dim
+        shortcut = hidden_states
+        x = self.layernorm_before(hidden_states).view(B, height, width, C)
+        q = attn.q_proj(x).view(B, height, width, heads, hd)
+        k = attn.k_proj(x).view(B, height, width, heads, hd)
+        v = attn.v_proj(x).view(B, height, width, heads, hd)
+        pad_kv = None
+        if (height % ws or width % ws) and attn.k_proj.bias is not None:
+            pad_kv = (attn.k_proj.bias.view(heads, hd), attn.v_proj.bias.view(heads, hd))
+        rpb = attn.relative_position_bias.relative_position_bias_table
+        out = window_attention(q, k, v, ws, shift, rpb=rpb, scale=attn.scaling, pad_kv=pad_kv)
+        out = attn.o_proj(out.reshape(B, height, width, C))
+        out = self.dropout(out).view(B, L, C)
+        hidden_states = shortcut + self.drop_path(out)
+        residual = hidden_states
+        hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
+        return hidden_states, None
+
+    def extra_repr(self) -> str:
+        return (f"from=SwinLayer, window_size={self.window_size}, shift_size={self.shift_size}, "
+                f"heads={self.attention.num_attention_heads}, head_dim={self.attention.head_dim}, "
+                "rpb=table, backend='tilefuse'")
+
+
+def swin_why_not(layer: nn.Module) -> Optional[str]:
+    attn = getattr(layer, "attention", None)
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "relative_position_bias")
+    if attn is None or not all(hasattr(attn, n) for n in needed):
+        return "unrecognised SwinLayer layout (this transformers version is not supported)"
+    return None
