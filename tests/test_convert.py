@@ -237,3 +237,31 @@ def test_convert_swin_matches_original_forward_and_backward(img, ws):
             assert p.grad is None, name
             continue
         assert torch.allclose(p.grad, g0[name].grad, atol=1e-4, rtol=1e-3), name
+
+
+@pytest.mark.parametrize("img,ws", [(64, 4), (60, 4)], ids=["aligned", "padded"])
+def test_convert_swinv2_matches_original_forward_and_backward(img, ws):
+    cfg = transformers.Swinv2Config(image_size=img, patch_size=4, embed_dim=24, depths=[2, 2],
+                                    num_heads=[2, 4], window_size=ws,
+                                    attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+                                    drop_path_rate=0.0)
+    model = transformers.Swinv2Model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name or "logit_scale" in name:
+                p.normal_(0, 0.5)
+    converted = transformers.Swinv2Model(cfg)
+    converted.load_state_dict(model.state_dict())
+    report = tilefuse.convert(converted)
+    assert len(report.replaced) == 4 and not report.left, str(report)
+    x = torch.randn(2, 3, img, img)
+    out0, out1 = model(x).last_hidden_state, converted(x).last_hidden_state
+    assert (out0 - out1).abs().max() < 1e-4
+    out0.square().sum().backward()
+    out1.square().sum().backward()
+    g0 = dict(model.named_parameters())
+    for name, p in converted.named_parameters():
+        if g0[name].grad is None:
+            assert p.grad is None, name
+            continue
+        assert torch.allclose(p.grad, g0[name].grad, atol=1e-4, rtol=1e-3), name

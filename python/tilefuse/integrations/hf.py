@@ -194,3 +194,71 @@ def swin_why_not(layer: nn.Module) -> Optional[str]:
     if attn is None or not all(hasattr(attn, n) for n in needed):
         return "unrecognised SwinLayer layout (this transformers version is not supported)"
     return None
+
+
+class HFSwinv2Layer(nn.Module):
+    """Drop-in for a Hugging Face ``Swinv2Layer`` (post-norm, cosine attention, continuous
+    position bias) on one fused window-attention call.
+
+    Cosine attention folds into the kernel's inputs: q' = normalize(q) * exp(clamped
+    logit_scale) per head, k' = normalize(k), scale 1; the continuous position bias table
+    16 * sigmoid(cpb_mlp(coords)) is an ordinary ``[(2W-1)^2, H]`` rpb table, so its MLP and
+    ``logit_scale`` train through autograd. HF pads the raw hidden states, so padded keys and
+    values are the normalised key bias (zeros without one) and the value bias.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        for name in ("attention", "layernorm_before", "layernorm_after", "drop_path",
+                     "intermediate", "output"):
+            self.add_module(name, getattr(layer, name))
+        self.window_size = int(layer.window_size)
+        self.shift_size = int(layer.shift_size)
+        self.train(layer.training)
+
+    def forward(self, hidden_states: torch.Tensor, input_dimensions, output_attentions=False,
+                **kwargs):
+        from ..neighborhood import window_attention
+
+        sa = self.attention.self
+        if self.training and sa.dropout.p > 0:
+            raise NotImplementedError("HFSwinv2Layer: attention dropout in training (the fused "
+                                      "kernel has none); set attention_probs_dropout_prob=0")
+        height, width = int(input_dimensions[0]), int(input_dimensions[1])
+        B, L, C = hidden_states.shape
+        heads, hd = sa.num_attention_heads, sa.attention_head_size
+        x = hidden_states.view(B, height, width, C)
+        logit_scale = torch.clamp(sa.logit_scale, max=math.log(1.0 / 0.01)).exp().view(heads, 1)
+        q = nn.functional.normalize(sa.query(x).view(B, height, width, heads, hd), dim=-1)
+        q = q * logit_scale
+        k = nn.functional.normalize(sa.key(x).view(B, height, width, heads, hd), dim=-1)
+        v = sa.value(x).view(B, height, width, heads, hd)
+        table = sa.continuous_position_bias_mlp(sa.relative_coords_table).view(-1, heads)
+        rpb = 16 * torch.sigmoid(table)
+        pad_kv = None
+        if height % self.window_size or width % self.window_size:
+            kb = sa.key.bias if sa.key.bias is not None else x.new_zeros(C)
+            vb = sa.value.bias if sa.value.bias is not None else x.new_zeros(C)
+            pad_kv = (nn.functional.normalize(kb.view(heads, hd), dim=-1), vb.view(heads, hd))
+        out = window_attention(q, k, v, self.window_size, self.shift_size, rpb=rpb, scale=1.0,
+                               pad_kv=pad_kv)
+        out = self.attention.output(out.reshape(B, height * width, C), hidden_states)
+        hidden_states = hidden_states + self.drop_path(self.layernorm_before(out))
+        layer_output = self.output(self.intermediate(hidden_states))
+        layer_output = hidden_states + self.drop_path(self.layernorm_after(layer_output))
+        return (layer_output,)
+
+    def extra_repr(self) -> str:
+        sa = self.attention.self
+        return (f"from=Swinv2Layer, window_size={self.window_size}, shift_size={self.shift_size}, "
+                f"heads={sa.num_attention_heads}, head_dim={sa.attention_head_size}, "
+                "cosine attention, rpb=continuous (cpb_mlp), backend='tilefuse'")
+
+
+def swinv2_why_not(layer: nn.Module) -> Optional[str]:
+    sa = getattr(getattr(layer, "attention", None), "self", None)
+    needed = ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp",
+              "relative_coords_table")
+    if sa is None or not all(hasattr(sa, n) for n in needed):
+        return "unrecognised Swinv2Layer layout (this transformers version is not supported)"
+    return None
