@@ -265,3 +265,34 @@ def test_convert_swinv2_matches_original_forward_and_backward(img, ws):
             assert p.grad is None, name
             continue
         assert torch.allclose(p.grad, g0[name].grad, atol=1e-4, rtol=1e-3), name
+
+
+def test_convert_dinat_matches_unfused_formulation():
+    from tilefuse.integrations.hf import enable_dinat
+
+    enable_dinat()
+    cfg = transformers.DinatConfig(image_size=64, patch_size=4, embed_dim=32, depths=[2, 2],
+                                   num_heads=[2, 4], kernel_size=5, dilations=[[1, 2], [1, 1]],
+                                   attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+                                   drop_path_rate=0.0)
+    model = transformers.DinatModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "rpb" in name or "bias" in name:
+                p.normal_(0, 0.5)
+    converted = transformers.DinatModel(cfg)
+    converted.load_state_dict(model.state_dict())
+    report = tilefuse.convert(converted)
+    assert len(report.replaced) == 4 and not report.left, str(report)
+    assert "dilation=2" in repr(converted.encoder.levels[0].layers[1].attention.self)
+    x = torch.randn(2, 3, 64, 64)
+    out0, out1 = model(x).last_hidden_state, converted(x).last_hidden_state
+    assert (out0 - out1).abs().max() < 1e-4
+    out0.square().sum().backward()
+    out1.square().sum().backward()
+    g0 = dict(model.named_parameters())
+    for name, p in converted.named_parameters():
+        if g0[name].grad is None:
+            assert p.grad is None, name
+            continue
+        assert torch.allclose(p.grad, g0[name].grad, atol=1e-4, rtol=1e-3), name

@@ -86,6 +86,11 @@ def _attention_handler(module: nn.Module, backend: str):
         if reason or backend != "tilefuse":
             return None, reason or "Swin layers have no reference backend (the original is one)"
         return hf.HFSwinv2Layer(module), None
+    if type(module).__name__ == "NeighborhoodAttention" and hasattr(module, "rpb"):
+        reason = hf.natten_why_not(module)
+        if reason or backend != "tilefuse":
+            return None, reason or "DiNAT attention has no reference backend here"
+        return hf.HFNeighborhoodAttention(module), None
     if type(module).__name__ in hf.SPECS:
         reason = hf.why_not(module)
         if reason:
@@ -101,7 +106,9 @@ def convert(model: nn.Module, *, attention: bool = True,
     """Replace supported layers of ``model`` in place and return a :class:`ConversionReport`.
 
     attention: swap Hugging Face BERT / RoBERTa / ViT self-attention for the fused kernel
-        (padding masks handled) and Swin / SwinV2 layers for one fused window-attention call; the
+        (padding masks handled), Swin / SwinV2 layers for one fused window-attention call and
+        DiNAT neighborhood attention for the fused NA kernel (see
+        :func:`tilefuse.integrations.hf.enable_dinat`); the
         projections and bias tables are kept, so ``state_dict`` keys are unchanged.
     linear: ``None``, a format name (see :data:`LINEAR_FORMATS`) or a :class:`LinearConfig`:
         swap every ``nn.Linear`` (including the projections kept inside converted attention)

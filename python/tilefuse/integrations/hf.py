@@ -262,3 +262,127 @@ def swinv2_why_not(layer: nn.Module) -> Optional[str]:
     if sa is None or not all(hasattr(sa, n) for n in needed):
         return "unrecognised Swinv2Layer layout (this transformers version is not supported)"
     return None
+
+
+class HFNeighborhoodAttention(nn.Module):
+    """Drop-in for Hugging Face DiNAT's ``NeighborhoodAttention`` (2-D NA with dilation and the
+    NAT/DiNAT relative positional bias ``rpb [H, 2k-1, 2k-1]``) on the fused NA kernel."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        for name in ("query", "key", "value", "dropout"):
+            self.add_module(name, getattr(module, name))
+        self.rpb = module.rpb  # the same Parameter: state_dict keys are unchanged
+        self.kernel_size = int(module.kernel_size)
+        self.dilation = int(module.dilation)
+        self.num_heads = int(module.num_attention_heads)
+        self.head_dim = int(module.attention_head_size)
+        self.train(module.training)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions=False, **kwargs):
+        from ..neighborhood import na2d
+
+        if self.training and self.dropout.p > 0:
+            raise NotImplementedError("HFNeighborhoodAttention: attention dropout in training "
+                                      "(the fused kernel has none)")
+        B, H, W, C = hidden_states.shape
+        shape = (B, H, W, self.num_heads, self.head_dim)
+        q = self.query(hidden_states).view(shape)
+        k = self.key(hidden_states).view(shape)
+        v = self.value(hidden_states).view(shape)
+        out = na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb,
+                   scale=self.head_dim ** -0.5)
+        return (out.reshape(B, H, W, C),)
+
+    def extra_repr(self) -> str:
+        return (f"from=NeighborhoodAttention, kernel_size={self.kernel_size}, "
+                f"dilation={self.dilation}, heads={self.num_heads}, head_dim={self.head_dim}, "
+                "rpb=[H, 2k-1, 2k-1], backend='tilefuse'")
+
+
+def natten_why_not(module: nn.Module) -> Optional[str]:
+    needed = ("query", "key", "value", "rpb", "kernel_size", "dilation", "attention_head_size")
+    if not all(hasattr(module, n) for n in needed):
+        return "unrecognised NeighborhoodAttention layout"
+    return None
+
+
+def _neighbors(length: int, kernel_size: int, dilation: int, device):
+    """Per position: its k neighbour indices and their rpb offsets (old NATTEN semantics)."""
+    from ..reference.neighborhood import na_window
+
+    start, _, group = na_window(length, kernel_size, dilation)
+    t = torch.arange(kernel_size)
+    idx = group[:, None] + (start[:, None] + t[None]) * dilation
+    rel = start[:, None] + t[None] - (torch.arange(length) // dilation)[:, None] + kernel_size - 1
+    return idx.to(device), rel.to(device)
+
+
+def natten2dqkrpb(query, key, rpb, kernel_size, dilation):
+    """Unfused QK + rpb of natten < 0.16 (``[B, H, X, Y, D]`` -> ``[B, H, X, Y, k*k]``), the
+    function transformers' DiNAT calls, in plain PyTorch (reference speed)."""
+    X, Y = query.shape[2], query.shape[3]
+    ri, rr = _neighbors(X, kernel_size, dilation, query.device)
+    ci, cr = _neighbors(Y, kernel_size, dilation, query.device)
+    kn = key[:, :, ri[:, None, :, None], ci[None, :, None, :]]  # [B, H, X, Y, k, k, D]
+    scores = (query[:, :, :, :, None, None, :] * kn).sum(-1)
+    bias = rpb[:, rr[:, None, :, None], cr[None, :, None, :]]  # [H, X, Y, k, k]
+    return (scores + bias).flatten(-2)
+
+
+def natten2dav(attn, value, kernel_size, dilation):
+    """Unfused AV of natten < 0.16: ``[B, H, X, Y, k*k]`` x ``[B, H, X, Y, D]``."""
+    X, Y = value.shape[2], value.shape[3]
+    ri, _ = _neighbors(X, kernel_size, dilation, value.device)
+    ci, _ = _neighbors(Y, kernel_size, dilation, value.device)
+    vn = value[:, :, ri[:, None, :, None], ci[None, :, None, :]]  # [B, H, X, Y, k, k, D]
+    a = attn.unflatten(-1, (kernel_size, kernel_size))
+    return (a[..., None] * vn).sum((-3, -2))
+
+
+def unfused_neighborhood_attention_forward(self, hidden_states, output_attentions=False):
+    """DiNAT's original unfused formulation: (q / sqrt(d)) k + rpb, softmax, AV over
+    ``[B, heads, X, Y, d]``. transformers 5's own forward transposes the wrong axes
+    (``[B, X, Y, heads, d].transpose(1, 2)``) before calling natten, so it is replaced too."""
+    B, X, Y, C = hidden_states.shape
+    heads, d = self.num_attention_heads, self.attention_head_size
+
+    def split(t):
+        return t.view(B, X, Y, heads, d).permute(0, 3, 1, 2, 4)
+
+    q = split(self.query(hidden_states)) / math.sqrt(d)
+    k, v = split(self.key(hidden_states)), split(self.value(hidden_states))
+    probs = nn.functional.softmax(natten2dqkrpb(q, k, self.rpb, self.kernel_size, self.dilation), -1)
+    probs = self.dropout(probs)
+    ctx = natten2dav(probs, v, self.kernel_size, self.dilation).permute(0, 2, 3, 1, 4)
+    ctx = ctx.reshape(B, X, Y, C)
+    return (ctx, probs) if output_attentions else (ctx,)
+
+
+def enable_dinat():
+    """Let transformers build and run DiNAT models without natten.
+
+    transformers' DiNAT calls ``natten.functional.natten2dqkrpb / natten2dav``, which no
+    installable natten still has. This installs plain-PyTorch versions of those functions and
+    the original unfused forward (so unconverted models run, slowly, as DiNAT defines them) and
+    lifts the "requires natten" check; ``tilefuse.convert`` then swaps each
+    ``NeighborhoodAttention`` for the fused kernel. Returns the patched ``modeling_dinat``.
+    """
+    try:
+        from transformers.models.dinat import modeling_dinat
+    except ImportError as e:
+        raise ImportError("transformers' DiNAT could not be imported (an installed natten >= "
+                          "0.16 lacks the functions it imports; uninstall natten, tilefuse "
+                          f"replaces it): {e}") from e
+    modeling_dinat.natten2dqkrpb = natten2dqkrpb
+    modeling_dinat.natten2dav = natten2dav
+    modeling_dinat.NeighborhoodAttention.forward = unfused_neighborhood_attention_forward
+    original = modeling_dinat.requires_backends
+
+    def requires_backends(obj, backends):
+        rest = [b for b in backends if b != "natten"]
+        if rest:
+            original(obj, rest)
+
+    modeling_dinat.requires_backends = requires_backends
+    return modeling_dinat
