@@ -6,7 +6,7 @@ import torch
 from . import _C  # noqa: F401  (registers the torch.ops.tilefuse schemas and kernels)
 from . import ops  # noqa: F401  (fake implementations and autograd)
 from . import nn, reference
-from .functional import attention
+from .functional import attention, block_sparse_attention
 from .neighborhood import na1d, na2d, na3d, window_attention
 from .backend import cpu_isa, set_cpu_isa
 from .block_mask import BlockMask, topk_block_mask
@@ -14,6 +14,6 @@ from .convert import ConversionReport, LinearConfig, convert
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "na1d", "na2d", "na3d", "window_attention", "BlockMask",
+__all__ = ["attention", "block_sparse_attention", "na1d", "na2d", "na3d", "window_attention", "BlockMask",
            "topk_block_mask", "convert", "ConversionReport", "LinearConfig", "nn", "reference",
            "cpu_isa", "set_cpu_isa", "__version__"]

@@ -1,0 +1,220 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPU adapter of block-sparse attention: checks, layout transpose, operands, dispatch.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "cpu_operands.h"
+#include "tilefuse/cpu/block_sparse.h"
+
+namespace tilefuse {
+namespace {
+
+constexpr const char* kOp = "block_sparse_attention";
+
+struct BsShapes {
+  int64_t B, Sq, Sk, H, Hkv, D, Dv, nq, nk;
+};
+
+BsShapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& counts, const at::Tensor& indices, int64_t bq, int64_t bk,
+                      double scale) {
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
+                       q.scalar_type() == at::kHalf || q.scalar_type() == at::kDouble,
+                   kOp, ": q must be float32, bfloat16, float16 or float64, got ", q.scalar_type());
+  for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), kOp, ": ", name,
+                     " must have the dtype of q (", q.scalar_type(), "), got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == q.device(), kOp, ": ", name, " must be on the device of q");
+    TORCH_CHECK_VALUE(t->dim() == 4, kOp, ": ", name, " must be [batch, seq, heads, head_dim], got ",
+                      t->sizes());
+  }
+  TORCH_CHECK_VALUE(q.dim() == 4, kOp, ": q must be [batch, seq, heads, head_dim], got ", q.sizes());
+  BsShapes s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3), 0, 0};
+  TORCH_CHECK_VALUE(k.size(0) == s.B && v.size(0) == s.B, kOp, ": batch sizes differ");
+  TORCH_CHECK_VALUE(v.size(1) == s.Sk && v.size(2) == s.Hkv, kOp, ": v must match k in tokens "
+                    "and heads, got k ", k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(3) == s.D, kOp, ": k head_dim must equal q head_dim");
+  TORCH_CHECK_VALUE(s.D > 0 && s.Dv > 0, kOp, ": head_dim must be > 0");
+  TORCH_CHECK_VALUE(s.H > 0 && s.Hkv > 0 && s.H % s.Hkv == 0, kOp, ": q heads (", s.H,
+                    ") must be a multiple of k/v heads (", s.Hkv, ")");
+  TORCH_CHECK_VALUE(bq >= 16 && bq <= 256 && bk >= 16 && bk <= 256, kOp,
+                    ": block sizes must be in [16, 256], got (", bq, ", ", bk, ")");
+  TORCH_CHECK_VALUE(std::isfinite(scale), kOp, ": scale must be finite");
+  TORCH_CHECK_VALUE(q.device().is_cpu(), kOp, ": the CPU kernel got q on ", q.device());
+  s.nq = ceil_div(s.Sq, bq);
+  s.nk = ceil_div(s.Sk, bk);
+  TORCH_CHECK_TYPE(counts.scalar_type() == at::kInt && indices.scalar_type() == at::kInt, kOp,
+                   ": kv_num_blocks and kv_indices must be int32");
+  TORCH_CHECK_VALUE(counts.dim() == 3 && counts.size(2) == s.nq &&
+                        (counts.size(0) == 1 || counts.size(0) == s.B) &&
+                        (counts.size(1) == 1 || counts.size(1) == s.H),
+                    kOp, ": kv_num_blocks must be [B|1, H|1, ", s.nq, "], got ", counts.sizes());
+  TORCH_CHECK_VALUE(indices.dim() == 4 && indices.sizes().slice(0, 3) == counts.sizes(), kOp,
+                    ": kv_indices must be [*kv_num_blocks.shape, max_blocks], got ",
+                    indices.sizes());
+  TORCH_CHECK_VALUE(counts.device().is_cpu() && indices.device().is_cpu(), kOp,
+                    ": the layout must be on the CPU like q");
+  return s;
+}
+
+/// Validates the compressed rows (counts in range, indices ascending and < nk) and builds the
+/// transposed layout: per key block, the ascending query blocks that attend to it.
+std::pair<at::Tensor, at::Tensor> transpose_layout(const at::Tensor& counts_in,
+                                                   const at::Tensor& indices_in, int64_t nk) {
+  const at::Tensor counts = counts_in.contiguous(), indices = indices_in.contiguous();
+  const int64_t Bm = counts.size(0), Hm = counts.size(1), nq = counts.size(2);
+  const int64_t maxc = indices.size(3);
+  const int32_t* c = counts.const_data_ptr<int32_t>();
+  const int32_t* ix = indices.const_data_ptr<int32_t>();
+  at::Tensor qc = at::zeros({Bm, Hm, nk}, counts.options());
+  at::Tensor qi = at::zeros({Bm, Hm, nk, std::max<int64_t>(nq, 1)}, counts.options());
+  int32_t* qcp = qc.mutable_data_ptr<int32_t>();
+  int32_t* qip = qi.mutable_data_ptr<int32_t>();
+  for (int64_t bh = 0; bh < Bm * Hm; ++bh) {
+    for (int64_t i = 0; i < nq; ++i) {  // ascending i keeps every column list ascending
+      const int32_t n = c[bh * nq + i];
+      TORCH_CHECK_VALUE(n >= 0 && n <= std::min<int64_t>(nk, maxc), kOp,
+                        ": kv_num_blocks entries must be in [0, ", std::min<int64_t>(nk, maxc),
+                        "], got ", n);
+      int64_t prev = -1;
+      for (int32_t t = 0; t < n; ++t) {
+        const int32_t j = ix[(bh * nq + i) * maxc + t];
+        TORCH_CHECK_VALUE(j > prev && j < nk, kOp, ": kv_indices rows must hold ascending "
+                          "block indices in [0, ", nk, "), got ", j, " after ", prev);
+        prev = j;
+        qip[(bh * nk + j) * qi.size(3) + qcp[bh * nk + j]++] = static_cast<int32_t>(i);
+      }
+    }
+  }
+  return {qc, qi};
+}
+
+BlockRows rows(const at::Tensor& counts, const at::Tensor& indices) {
+  return {counts.const_data_ptr<int32_t>(), indices.const_data_ptr<int32_t>(), counts.size(0),
+          counts.size(1), counts.size(2), indices.size(3)};
+}
+
+template <class T>
+AttentionParams<T> params(const BsShapes& s, double scale) {
+  AttentionParams<T> p;
+  p.B = s.B;
+  p.H = s.H;
+  p.Hkv = s.Hkv;
+  p.Tq = s.B * s.Sq;
+  p.Tk = s.B * s.Sk;
+  p.D = s.D;
+  p.Dv = s.Dv;
+  p.Dp = round_up(s.D, 16);
+  p.Dvp = round_up(s.Dv, 16);
+  p.ldkt = p.ldvt = p.Tk + 16;
+  p.scale = static_cast<T>(scale);
+  return p;
+}
+
+at::Tensor tokens(const at::Tensor& x) { return x.reshape({-1, x.size(2), x.size(3)}); }
+
+std::tuple<at::Tensor, at::Tensor> bs_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, const at::Tensor& counts,
+                                              const at::Tensor& indices, int64_t bq, int64_t bk,
+                                              bool causal, double scale) {
+  const BsShapes s = check_inputs(q, k, v, counts, indices, bq, bk, scale);
+  const auto [qc, qi] = transpose_layout(counts, indices, s.nk);
+  const at::ScalarType ct = compute_type(q);
+  at::Tensor out = at::empty({s.B, s.Sq, s.H, s.Dv}, q.options().dtype(ct));
+  at::Tensor lse = at::empty({s.B, s.Sq, s.H}, q.options().dtype(ct));
+  if (out.numel() == 0) return {out.to(q.scalar_type()), lse};
+  const at::Tensor cc = counts.contiguous(), ic = indices.contiguous();
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    AttentionParams<T> p = params<T>(s, scale);
+    std::vector<at::Tensor> keep;
+    p.q = make_operand<T>(tokens(q), p.Dp, false, keep);
+    const Operand<T> k_op = make_operand<T>(tokens(k), p.Dp, false, keep);
+    at::Tensor ktb = transposed(k_op, s.Hkv, p.Tk, s.D, q.options());
+    p.v = make_operand<T>(tokens(v), p.Dvp, true, keep);
+    p.kt = ktb.const_data_ptr<T>();
+    p.o = out.mutable_data_ptr<T>();
+    p.lse = lse.mutable_data_ptr<T>();
+    const BlockSparseArgs a{rows(cc, ic), rows(qc, qi), bq, bk, causal};
+    const ParallelRunner r = aten_runner();
+    cpu::current_isa() == cpu::Isa::kAvx2 ? cpu::avx2::block_sparse_fwd(p, a, r)
+                                          : cpu::generic::block_sparse_fwd(p, a, r);
+  };
+  ct == at::kDouble ? run(double{}) : run(float{});
+  return {out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bs_bwd_cpu(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& counts, const at::Tensor& indices, int64_t bq, int64_t bk, bool causal,
+    double scale) {
+  const BsShapes s = check_inputs(q, k, v, counts, indices, bq, bk, scale);
+  const at::ScalarType ct = compute_type(q);
+  TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({s.B, s.Sq, s.H, s.Dv}),
+                    kOp, "_bwd: grad_out and out must be [B, Sq, H, Dv]");
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({s.B, s.Sq, s.H}) && lse.scalar_type() == ct,
+                    kOp, "_bwd: lse must be ", ct, " [B, Sq, H]");
+  TORCH_CHECK_VALUE(!dlse.has_value() || dlse->sizes() == lse.sizes(), kOp,
+                    "_bwd: grad_lse must have the shape of lse");
+  const auto [qc, qi] = transpose_layout(counts, indices, s.nk);
+  at::Tensor dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  if (dq.numel() == 0 || dk.numel() == 0) return {dq, dk, dv};
+  const at::Tensor cc = counts.contiguous(), ic = indices.contiguous();
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    AttentionParams<T> p = params<T>(s, scale);
+    at::Tensor delta = (dout.to(ct) * out.to(ct)).sum(-1);
+    if (dlse.has_value()) delta = delta - dlse->to(ct);
+    delta = delta.contiguous();
+    const at::Tensor lse_c = lse.contiguous();
+    std::vector<at::Tensor> keep;
+    p.q = make_operand<T>(tokens(q), p.Dp, true, keep);
+    p.k = make_operand<T>(tokens(k), p.Dp, true, keep);
+    const Operand<T> v_op = make_operand<T>(tokens(v), p.Dvp, false, keep);
+    p.dout = make_operand<T>(tokens(dout), p.Dvp, true, keep);
+    at::Tensor ktb = transposed(p.k, s.Hkv, p.Tk, s.D, q.options());
+    at::Tensor vtb = transposed(v_op, s.Hkv, p.Tk, s.Dv, q.options());
+    p.kt = ktb.const_data_ptr<T>();
+    p.vt = vtb.const_data_ptr<T>();
+    p.lse_in = lse_c.const_data_ptr<T>();
+    p.delta = delta.const_data_ptr<T>();
+    // Chunks of key blocks per (head, batch) only when those alone cannot fill the threads;
+    // each chunk owns a dQ partial (no atomics, deterministic).
+    const int64_t threads = at::get_num_threads(), items = s.H * s.B;
+    p.n_kv_chunks = items >= 2 * threads ? 1 : std::min(s.nk, ceil_div(4 * threads, items));
+    auto opts = q.options().dtype(ct);
+    at::Tensor dqb = at::zeros({p.n_kv_chunks, s.H, p.Tq, p.Dp}, opts);
+    at::Tensor dkb = at::zeros({s.H, p.Tk, p.Dp}, opts);
+    at::Tensor dvb = at::zeros({s.H, p.Tk, p.Dvp}, opts);
+    p.dq = dqb.mutable_data_ptr<T>();
+    p.dk = dkb.mutable_data_ptr<T>();
+    p.dv = dvb.mutable_data_ptr<T>();
+    const BlockSparseArgs a{rows(cc, ic), rows(qc, qi), bq, bk, causal};
+    const ParallelRunner r = aten_runner();
+    cpu::current_isa() == cpu::Isa::kAvx2 ? cpu::avx2::block_sparse_bwd(p, a, r)
+                                          : cpu::generic::block_sparse_bwd(p, a, r);
+    const int64_t G = s.H / s.Hkv;
+    at::Tensor dq_t = (p.n_kv_chunks == 1 ? dqb[0] : dqb.sum(0)).narrow(2, 0, s.D);
+    at::Tensor dk_t = dkb.view({s.Hkv, G, p.Tk, p.Dp}).sum(1).narrow(2, 0, s.D);
+    at::Tensor dv_t = dvb.view({s.Hkv, G, p.Tk, p.Dvp}).sum(1).narrow(2, 0, s.Dv);
+    tokens(dq).copy_(dq_t.permute({1, 0, 2}).mul(scale));
+    tokens(dk).copy_(dk_t.permute({1, 0, 2}));
+    tokens(dv).copy_(dv_t.permute({1, 0, 2}));
+  };
+  ct == at::kDouble ? run(double{}) : run(float{});
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tilefuse, CPU, m) {
+  m.impl("block_sparse_attention_fwd", &bs_fwd_cpu);
+  m.impl("block_sparse_attention_bwd", &bs_bwd_cpu);
+}
+
+}  // namespace tilefuse
