@@ -140,3 +140,108 @@ def test_reference_empty_rows():
                                         return_lse=True)
     assert torch.all(out[0, 16:] == 0) and torch.all(torch.isneginf(lse[0, 16:]))
     assert torch.isfinite(lse[0, :16]).all()
+
+
+# ----------------------------------------------------------------------------------------
+# The fused kernel against the reference
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _inputs(B, Sq, Sk, H, Hkv, D, Dv, dtype=torch.float32, grad=False):
+    q = torch.randn(B, Sq, H, D).to(dtype).requires_grad_(grad)
+    k = torch.randn(B, Sk, Hkv, D).to(dtype).requires_grad_(grad)
+    v = torch.randn(B, Sk, Hkv, Dv).to(dtype).requires_grad_(grad)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("blocks,density", [((64, 64), 0.3), ((32, 128), 0.5), ((256, 16), 0.2),
+                                            ((48, 80), 0.6)], ids=["64x64", "32x128", "256x16", "48x80"])
+def test_block_sparse_forward_matches_reference(blocks, density, causal, dtype, cpu_isa):
+    B, Sq, Sk, H, Hkv, D, Dv = 2, 300, 270, 4, 2, 32, 48
+    q, k, v = _inputs(B, Sq, Sk, H, Hkv, D, Dv, dtype)
+    nq, nk = math.ceil(Sq / blocks[0]), math.ceil(Sk / blocks[1])
+    layout = torch.rand(B, H, nq, nk) < density
+    layout[0, 1, 0] = False  # an empty row: zeros and LSE -inf
+    bm = BlockMask.from_dense(layout, blocks, (Sq, Sk))
+    out, lse = tilefuse.block_sparse_attention(q, k, v, bm, causal=causal, return_lse=True)
+    ref, ref_lse = R.block_sparse_attention(q.double(), k.double(), v.double(), bm, causal=causal,
+                                            return_lse=True)
+    assert out.dtype == dtype
+    assert (out.double() - ref).abs().max().item() <= TOL[dtype]
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert (lse.double()[fin] - ref_lse[fin]).abs().max().item() < 1e-4
+    assert torch.all(out[0, :blocks[0], 1] == 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_backward_matches_reference(causal, cpu_isa):
+    q, k, v = _inputs(2, 200, 230, 4, 1, 32, 32, grad=True)
+    bm = BlockMask.from_dense(torch.rand(1, 4, 7, 8) < 0.4, (32, 32), (200, 230))
+    out, lse = tilefuse.block_sparse_attention(q, k, v, bm, causal=causal, return_lse=True)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    fin = torch.isfinite(lse)
+    grads = torch.autograd.grad((out * go).sum() + (torch.where(fin, lse, 0) * gl).sum(), (q, k, v))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, rl = R.block_sparse_attention(qd, kd, vd, bm, causal=causal, return_lse=True)
+    rgrads = torch.autograd.grad((ro * go.double()).sum() + (torch.where(fin, rl, 0) * gl.double()).sum(),
+                                 (qd, kd, vd))
+    for g, rg in zip(grads, rgrads):
+        assert (g.double() - rg).abs().max().item() < 1e-4
+
+
+def test_block_sparse_gradcheck_opcheck_compile():
+    q, k, v = _inputs(1, 40, 40, 2, 1, 8, 8, torch.float64, grad=True)
+    bm = BlockMask.from_dense(torch.tensor([[[[1, 0, 1], [0, 1, 0], [1, 1, 0]]]], dtype=torch.bool),
+                              16, (40, 40))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: tilefuse.block_sparse_attention(q, k, v, bm, causal=True), (q, k, v))
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.tilefuse.block_sparse_attention_fwd,
+                          (qf, kf, vf, bm.kv_num_blocks, bm.kv_indices, 16, 16, True, 0.35))
+    compiled = torch.compile(lambda q, k, v: tilefuse.block_sparse_attention(q, k, v, bm).sum(),
+                             fullgraph=True, backend="aot_eager")
+    loss = compiled(qf, kf, vf)
+    loss.backward()
+    assert torch.allclose(loss, tilefuse.block_sparse_attention(qf, kf, vf, bm).sum(), atol=1e-5)
+
+
+def test_block_sparse_spatial_tiles_and_routing():
+    q, k, v = _inputs(1, 16 * 16, 16 * 16, 2, 2, 16, 16)
+    layout = torch.rand(1, 2, 16, 16) < 0.3
+    layout[..., torch.arange(16), torch.arange(16)] = True
+    bm = BlockMask.from_tiles(layout, (16, 16), (4, 4))
+    out = tilefuse.block_sparse_attention(q, k, v, bm)
+    ref = R.block_sparse_attention(q.double(), k.double(), v.double(), bm)
+    assert (out.double() - ref).abs().max() < 2e-5
+    routed = topk_block_mask(q, k, 32, 2, causal=True)
+    out = tilefuse.block_sparse_attention(q, k, v, routed, causal=True)
+    ref = R.block_sparse_attention(q.double(), k.double(), v.double(), routed, causal=True)
+    assert (out.double() - ref).abs().max() < 2e-5
+
+
+def test_block_sparse_bad_input():
+    q, k, v = _inputs(1, 64, 64, 2, 2, 16, 16)
+    bm = BlockMask.from_dense(torch.ones(1, 1, 4, 4, dtype=torch.bool), 16, (64, 64))
+    with pytest.raises(ValueError, match=r"the block mask is for seq_lens \(64, 64\)"):
+        tilefuse.block_sparse_attention(q[:, :32], k, v, bm)
+    with pytest.raises(NotImplementedError, match="varlen"):
+        tilefuse.block_sparse_attention(q, k, v, bm, cu_seqlens=torch.tensor([0, 64]))
+    op = torch.ops.tilefuse.block_sparse_attention_fwd
+    with pytest.raises(ValueError, match="ascending block indices"):
+        op(q, k, v, bm.kv_num_blocks, bm.kv_indices.flip(-1).contiguous(), 16, 16, False, 0.25)
+    with pytest.raises(ValueError, match=r"kv_num_blocks entries must be in \[0, 4\]"):
+        op(q, k, v, bm.kv_num_blocks + 1, bm.kv_indices, 16, 16, False, 0.25)
+    with pytest.raises(ValueError, match="block sizes must be in"):
+        op(q, k, v, bm.kv_num_blocks, bm.kv_indices, 8, 16, False, 0.25)
+    with pytest.raises(ValueError, match=r"kv_num_blocks must be \[B\|1, H\|1, 2\]"):
+        op(q, k, v, bm.kv_num_blocks, bm.kv_indices, 32, 16, False, 0.25)
+    with pytest.raises(TypeError, match="must be int32"):
+        op(q, k, v, bm.kv_num_blocks.long(), bm.kv_indices, 16, 16, False, 0.25)
+    with pytest.raises(TypeError, match="k must have the dtype of q"):
+        op(q, k.double(), v, bm.kv_num_blocks, bm.kv_indices, 16, 16, False, 0.25)
+    with pytest.raises(ValueError, match="must be a multiple of k/v heads"):
+        op(torch.randn(1, 64, 3, 16), k, v, bm.kv_num_blocks, bm.kv_indices, 16, 16, False, 0.25)
