@@ -227,7 +227,7 @@ def topk_block_mask(q: torch.Tensor, k: torch.Tensor, block_size: Union[int, Tup
     local = (k_first[None, :] <= q_last[:, None]) & (k_last[None, :] >= q_first[:, None])
     keep_local = (local & allowed) if always_local else torch.zeros_like(local)
     # top-k among the allowed blocks that are not already kept as local blocks
-    scores = scores.masked_fill(~allowed | keep_local, float("-inf"))
+    scores.masked_fill_(~allowed | keep_local, float("-inf"))
     layout = keep_local.expand(B, H, nq, nk).clone()
     kk = min(topk, nk)
     if kk > 0:
@@ -243,8 +243,14 @@ def topk_block_mask(q: torch.Tensor, k: torch.Tensor, block_size: Union[int, Tup
 
 
 def _block_mean(x: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    """Mean over consecutive blocks of the sequence axis of [B, S, H, D] (the last block may be
+    short); no padded copy of x."""
     B, S, H, D = x.shape
-    pad = n * block - S
-    xs = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).view(B, n, block, H, D).sum(2)
-    counts = torch.clamp(S - torch.arange(n, device=x.device) * block, max=block).to(x.dtype)
-    return xs / counts.view(1, n, 1, 1)
+    full = S // block
+    out = x.new_empty(B, n, H, D)
+    if full:
+        torch.sum(x[:, :full * block].reshape(B, full, block, H, D), dim=2, out=out[:, :full])
+        out[:, :full] *= 1.0 / block
+    if n > full:
+        out[:, full] = x[:, full * block:].mean(1)
+    return out
