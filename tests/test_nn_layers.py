@@ -66,3 +66,22 @@ def test_layers_compile_fullgraph():
     w = WindowAttention(24, 3, 4, shift_size=2)
     y = torch.randn(1, 8, 8, 24)
     assert torch.allclose(torch.compile(w, fullgraph=True, backend="aot_eager")(y), w(y), atol=1e-6)
+
+
+def test_block_sparse_layer_matches_reference_backend():
+    from tilefuse.nn import BlockSparseAttention
+
+    m = BlockSparseAttention(64, 4, num_kv_heads=2, block_size=32, topk=2, causal=True)
+    ref = BlockSparseAttention(64, 4, num_kv_heads=2, block_size=32, topk=2, causal=True,
+                               backend="reference")
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 150, 64, requires_grad=True)
+    out, out_ref = m(x), ref(x)
+    assert torch.allclose(out, out_ref, atol=1e-5)
+    g = torch.autograd.grad(out.square().sum(), [x] + list(m.parameters()))
+    g_ref = torch.autograd.grad(out_ref.square().sum(), [x] + list(ref.parameters()))
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    assert "topk=2" in repr(m)
+    with pytest.raises(ValueError, match="pass block_mask"):
+        BlockSparseAttention(64, 4)(x)

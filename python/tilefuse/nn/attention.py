@@ -76,3 +76,43 @@ class FusedAttention(nn.Module):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"causal={self.causal}, window={self.window}, backend={self.backend!r}")
+
+
+class BlockSparseAttention(nn.Module):
+    """Multi-head attention over selected key blocks, with q/k/v/out projections.
+
+    Pass a :class:`tilefuse.BlockMask` per call, or set ``topk`` to route each query block to
+    its ``topk`` best key blocks by mean-pooled scores (MoBA / BiFormer style, own block always
+    kept). ``backend="reference"`` runs :func:`tilefuse.reference.block_sparse_attention`.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
+                 block_size=64, topk: Optional[int] = None, causal: bool = False,
+                 bias: bool = True, backend: str = "tilefuse", device=None, dtype=None):
+        super().__init__()
+        self.inner = FusedAttention(embed_dim, num_heads, num_kv_heads=num_kv_heads, bias=bias,
+                                    causal=causal, backend=backend, device=device, dtype=dtype)
+        self.block_size, self.topk, self.causal = block_size, topk, causal
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, block_mask=None) -> torch.Tensor:
+        from ..block_mask import topk_block_mask
+        from ..functional import block_sparse_attention
+
+        a = self.inner
+        B, S, _ = x.shape
+        q = a.q_proj(x).view(B, S, a.num_heads, a.head_dim)
+        k = a.k_proj(x).view(B, S, a.num_kv_heads, a.head_dim)
+        v = a.v_proj(x).view(B, S, a.num_kv_heads, a.head_dim)
+        if block_mask is None:
+            if self.topk is None:
+                raise ValueError("BlockSparseAttention: pass block_mask= or build with topk=")
+            block_mask = topk_block_mask(q, k, self.block_size, self.topk, causal=self.causal)
+        fn = reference.block_sparse_attention if self.backend == "reference" else block_sparse_attention
+        out = fn(q, k, v, block_mask, causal=self.causal)
+        return a.out_proj(out.reshape(B, S, a.embed_dim))
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.inner.embed_dim}, num_heads={self.inner.num_heads}, "
+                f"num_kv_heads={self.inner.num_kv_heads}, block_size={self.block_size}, "
+                f"topk={self.topk}, causal={self.causal}, backend={self.backend!r}")
