@@ -413,3 +413,22 @@ def test_key_mask_bad_input():
     with pytest.raises(ValueError, match="key_mask applies to"):
         tilefuse.attention(qv, kv, vv, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                            key_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_overlapping_expanded_inputs(cpu_isa):
+    # Stride-0 (expanded) inputs read overlapping memory: e.g. one K/V shared by every batch
+    # element. They are read as they are; gradients flow back through the expand.
+    q = _rand(3, 40, 2, 32)
+    k1 = _rand(1, 50, 2, 32).requires_grad_()
+    v1 = _rand(1, 50, 2, 32).requires_grad_()
+    k, v = k1.expand(3, -1, -1, -1), v1.expand(3, -1, -1, -1)
+    assert k.stride(0) == 0
+    out = tilefuse.attention(q, k, v, causal=True)
+    ref = R.attention(q.double(), k.double(), v.double(), causal=True)
+    _check(out, ref, torch.float32)
+    g = torch.autograd.grad(out.sum(), (k1, v1))
+    k1d, v1d = k1.detach().double().requires_grad_(), v1.detach().double().requires_grad_()
+    rg = torch.autograd.grad(R.attention(q.double(), k1d.expand(3, -1, -1, -1),
+                                         v1d.expand(3, -1, -1, -1), causal=True).sum(), (k1d, v1d))
+    for a, b in zip(g, rg):
+        assert (a.double() - b).abs().max() < 1e-4
