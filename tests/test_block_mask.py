@@ -228,8 +228,10 @@ def test_block_sparse_bad_input():
     bm = BlockMask.from_dense(torch.ones(1, 1, 4, 4, dtype=torch.bool), 16, (64, 64))
     with pytest.raises(ValueError, match=r"the block mask is for seq_lens \(64, 64\)"):
         tilefuse.block_sparse_attention(q[:, :32], k, v, bm)
-    with pytest.raises(NotImplementedError, match="varlen"):
-        tilefuse.block_sparse_attention(q, k, v, bm, cu_seqlens=torch.tensor([0, 64]))
+    with pytest.raises(TypeError, match="cu_seqlens must be int32"):
+        tilefuse.block_sparse_attention(q[0], k[0], v[0], bm, cu_seqlens=torch.tensor([0, 64]))
+    with pytest.raises(ValueError, match=r"q must be \[total, heads, head_dim\] \(varlen\)"):
+        tilefuse.block_sparse_attention(q, k, v, bm, cu_seqlens=torch.tensor([0, 64], dtype=torch.int32))
     op = torch.ops.tilefuse.block_sparse_attention_fwd
     with pytest.raises(ValueError, match="ascending block indices"):
         op(q, k, v, bm.kv_num_blocks, bm.kv_indices.flip(-1).contiguous(), 16, 16, False, 0.25)
@@ -245,3 +247,23 @@ def test_block_sparse_bad_input():
         op(q, k.double(), v, bm.kv_num_blocks, bm.kv_indices, 16, 16, False, 0.25)
     with pytest.raises(ValueError, match="must be a multiple of k/v heads"):
         op(torch.randn(1, 64, 3, 16), k, v, bm.kv_num_blocks, bm.kv_indices, 16, 16, False, 0.25)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_varlen(causal, cpu_isa):
+    lens = [100, 0, 37, 64]
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    T = int(cu[-1])
+    q = torch.randn(T, 4, 16, requires_grad=True)
+    k = torch.randn(T, 2, 16, requires_grad=True)
+    v = torch.randn(T, 2, 16, requires_grad=True)
+    layout = torch.rand(len(lens), 4, 7, 7) < 0.5
+    bm = BlockMask.from_dense(layout, 16, (100, 100))
+    out = tilefuse.block_sparse_attention(q, k, v, bm, causal=causal, cu_seqlens=cu)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = R.block_sparse_attention(qd, kd, vd, bm, causal=causal, cu_seqlens=cu)
+    assert (out.double() - ref).abs().max() < 2e-5
+    go = torch.randn_like(out)
+    for g, rg in zip(torch.autograd.grad(out, (q, k, v), go),
+                     torch.autograd.grad(ref, (qd, kd, vd), go.double())):
+        assert (g.double() - rg).abs().max() < 1e-4

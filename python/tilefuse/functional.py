@@ -86,29 +86,33 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     Layouts as in :func:`attention` (``[B, S, H, D]``, GQA by ``H % Hkv == 0``). Only the
     listed blocks cost anything, in forward and backward. ``causal`` adds the element test
     ``j <= i + Sk - Sq`` inside the blocks (blocks wholly in the future are skipped). A query
-    row with no visible key returns 0 with LSE ``-inf``. For a mask built with
+    row with no visible key returns 0 with LSE ``-inf``. Varlen: packed ``[total, H, D]`` with
+    int32 ``cu_seqlens`` (the same boundaries for queries and keys); the layout then has one row
+    per sequence (or 1 to broadcast) and is sized for the longest sequence. For a mask built with
     ``BlockMask.from_tiles`` the tokens are gathered into tile-major order for the kernel and
     the output is scattered back (the causal test then applies in that order).
     """
-    if cu_seqlens is not None:
-        raise NotImplementedError("block_sparse_attention: varlen (cu_seqlens) is not implemented")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     devices = {t.device for t in (q, k, v)}
     if len(devices) != 1:
         raise ValueError(f"block_sparse_attention: q, k and v must be on one device, got "
                          f"{sorted(map(str, devices))}")
-    if q.dim() == 4 and k.dim() == 4 and (q.shape[1], k.shape[1]) != tuple(block_mask.seq_lens):
+    if cu_seqlens is None and q.dim() == 4 and k.dim() == 4 and \
+            (q.shape[1], k.shape[1]) != tuple(block_mask.seq_lens):
         raise ValueError(f"block_sparse_attention: the block mask is for seq_lens "
                          f"{tuple(block_mask.seq_lens)}, got q/k sequences "
                          f"({q.shape[1]}, {k.shape[1]})")
     order = block_mask.token_order
     if order is not None:
+        if cu_seqlens is not None:
+            raise NotImplementedError("block_sparse_attention: spatial-tile masks with varlen")
         order = order.to(q.device)
         q, k, v = (t.index_select(1, order) for t in (q, k, v))
     bq, bk = block_mask.block_size
     out, lse = torch.ops.tilefuse.block_sparse_attention_fwd(
-        q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, bq, bk, causal, float(scale))
+        q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, bq, bk, causal, float(scale),
+        cu_seqlens)
     if order is not None:
         inv = torch.argsort(order)
         out, lse = out.index_select(1, inv), lse.index_select(1, inv)

@@ -14,12 +14,32 @@ namespace {
 constexpr const char* kOp = "block_sparse_attention";
 
 struct BsShapes {
-  int64_t B, Sq, Sk, H, Hkv, D, Dv, nq, nk;
+  int64_t B, Sq, Sk, H, Hkv, D, Dv, nq, nk;  // Sq, Sk: the longest sequence when packed
+  int64_t Tq, Tk;
+  at::Tensor cu_q, cu_k;  // int64 [B + 1]
 };
+
+/// Packed-sequence boundaries: int32 [B + 1], starting at 0, non-decreasing, ending at total.
+at::Tensor check_cu_seqlens(const at::Tensor& cu, int64_t total, int64_t& longest) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, kOp, ": cu_seqlens must be int32, got ",
+                   cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1 && cu.device().is_cpu(), kOp,
+                    ": cu_seqlens must be a 1-D CPU tensor of batch + 1 entries, got ", cu.sizes());
+  at::Tensor c = cu.to(at::kLong).contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(p[0] == 0 && p[c.size(0) - 1] == total, kOp, ": cu_seqlens must start at 0 "
+                    "and end at the number of packed tokens (", total, ")");
+  longest = 0;
+  for (int64_t i = 1; i < c.size(0); ++i) {
+    TORCH_CHECK_VALUE(p[i] >= p[i - 1], kOp, ": cu_seqlens must be non-decreasing");
+    longest = std::max(longest, p[i] - p[i - 1]);
+  }
+  return c;
+}
 
 BsShapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& counts, const at::Tensor& indices, int64_t bq, int64_t bk,
-                      double scale) {
+                      double scale, const std::optional<at::Tensor>& cu) {
   TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
                        q.scalar_type() == at::kHalf || q.scalar_type() == at::kDouble,
                    kOp, ": q must be float32, bfloat16, float16 or float64, got ", q.scalar_type());
@@ -27,15 +47,39 @@ BsShapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), kOp, ": ", name,
                      " must have the dtype of q (", q.scalar_type(), "), got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->device() == q.device(), kOp, ": ", name, " must be on the device of q");
-    TORCH_CHECK_VALUE(t->dim() == 4, kOp, ": ", name, " must be [batch, seq, heads, head_dim], got ",
-                      t->sizes());
   }
-  TORCH_CHECK_VALUE(q.dim() == 4, kOp, ": q must be [batch, seq, heads, head_dim], got ", q.sizes());
-  BsShapes s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3), 0, 0};
-  TORCH_CHECK_VALUE(k.size(0) == s.B && v.size(0) == s.B, kOp, ": batch sizes differ");
-  TORCH_CHECK_VALUE(v.size(1) == s.Sk && v.size(2) == s.Hkv, kOp, ": v must match k in tokens "
-                    "and heads, got k ", k.sizes(), " and v ", v.sizes());
-  TORCH_CHECK_VALUE(k.size(3) == s.D, kOp, ": k head_dim must equal q head_dim");
+  const int64_t rank = cu.has_value() ? 3 : 4;
+  const char* layout = cu.has_value() ? "[total, heads, head_dim] (varlen)"
+                                      : "[batch, seq, heads, head_dim]";
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}})
+    TORCH_CHECK_VALUE(t->dim() == rank, kOp, ": ", name, " must be ", layout, ", got ", t->sizes());
+  const int64_t o = rank - 3;
+  BsShapes s{};
+  s.H = q.size(o + 1);
+  s.Hkv = k.size(o + 1);
+  s.D = q.size(o + 2);
+  s.Dv = v.size(o + 2);
+  TORCH_CHECK_VALUE(v.size(o) == k.size(o) && v.size(o + 1) == s.Hkv, kOp,
+                    ": v must match k in tokens and heads, got k ", k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(o + 2) == s.D, kOp, ": k head_dim must equal q head_dim");
+  if (cu.has_value()) {
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0), kOp, ": with cu_seqlens, q and k pack the same "
+                      "sequences (got ", q.size(0), " and ", k.size(0), " tokens)");
+    s.cu_q = check_cu_seqlens(*cu, q.size(0), s.Sq);
+    s.cu_k = s.cu_q;
+    s.Sk = s.Sq;
+    s.B = s.cu_q.size(0) - 1;
+    s.Tq = s.Tk = q.size(0);
+  } else {
+    s.B = q.size(0);
+    s.Sq = q.size(1);
+    s.Sk = k.size(1);
+    TORCH_CHECK_VALUE(k.size(0) == s.B && v.size(0) == s.B, kOp, ": batch sizes differ");
+    s.Tq = s.B * s.Sq;
+    s.Tk = s.B * s.Sk;
+    s.cu_q = at::arange(0, s.B + 1, at::kLong) * s.Sq;
+    s.cu_k = at::arange(0, s.B + 1, at::kLong) * s.Sk;
+  }
   TORCH_CHECK_VALUE(s.D > 0 && s.Dv > 0, kOp, ": head_dim must be > 0");
   TORCH_CHECK_VALUE(s.H > 0 && s.Hkv > 0 && s.H % s.Hkv == 0, kOp, ": q heads (", s.H,
                     ") must be a multiple of k/v heads (", s.Hkv, ")");
@@ -99,11 +143,13 @@ BlockRows rows(const at::Tensor& counts, const at::Tensor& indices) {
 template <class T>
 AttentionParams<T> params(const BsShapes& s, double scale) {
   AttentionParams<T> p;
+  p.cu_q = s.cu_q.const_data_ptr<int64_t>();
+  p.cu_k = s.cu_k.const_data_ptr<int64_t>();
   p.B = s.B;
   p.H = s.H;
   p.Hkv = s.Hkv;
-  p.Tq = s.B * s.Sq;
-  p.Tk = s.B * s.Sk;
+  p.Tq = s.Tq;
+  p.Tk = s.Tk;
   p.D = s.D;
   p.Dv = s.Dv;
   p.Dp = round_up(s.D, 16);
@@ -113,17 +159,22 @@ AttentionParams<T> params(const BsShapes& s, double scale) {
   return p;
 }
 
-at::Tensor tokens(const at::Tensor& x) { return x.reshape({-1, x.size(2), x.size(3)}); }
+at::Tensor tokens(const at::Tensor& x) {  // [B, S, H, C] -> [B*S, H, C]; packed stays
+  return x.dim() == 3 ? x : x.reshape({-1, x.size(2), x.size(3)});
+}
 
 std::tuple<at::Tensor, at::Tensor> bs_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                               const at::Tensor& v, const at::Tensor& counts,
                                               const at::Tensor& indices, int64_t bq, int64_t bk,
-                                              bool causal, double scale) {
-  const BsShapes s = check_inputs(q, k, v, counts, indices, bq, bk, scale);
+                                              bool causal, double scale,
+                                              const std::optional<at::Tensor>& cu) {
+  const BsShapes s = check_inputs(q, k, v, counts, indices, bq, bk, scale, cu);
   const auto [qc, qi] = transpose_layout(counts, indices, s.nk);
   const at::ScalarType ct = compute_type(q);
-  at::Tensor out = at::empty({s.B, s.Sq, s.H, s.Dv}, q.options().dtype(ct));
-  at::Tensor lse = at::empty({s.B, s.Sq, s.H}, q.options().dtype(ct));
+  std::vector<int64_t> out_shape = q.sizes().vec();
+  out_shape.back() = s.Dv;
+  at::Tensor out = at::empty(out_shape, q.options().dtype(ct));
+  at::Tensor lse = at::empty(q.sizes().slice(0, q.dim() - 1), q.options().dtype(ct));
   if (out.numel() == 0) return {out.to(q.scalar_type()), lse};
   const at::Tensor cc = counts.contiguous(), ic = indices.contiguous();
   auto run = [&](auto tag) {
@@ -150,13 +201,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bs_bwd_cpu(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& counts, const at::Tensor& indices, int64_t bq, int64_t bk, bool causal,
-    double scale) {
-  const BsShapes s = check_inputs(q, k, v, counts, indices, bq, bk, scale);
+    double scale, const std::optional<at::Tensor>& cu) {
+  const BsShapes s = check_inputs(q, k, v, counts, indices, bq, bk, scale, cu);
   const at::ScalarType ct = compute_type(q);
-  TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({s.B, s.Sq, s.H, s.Dv}),
-                    kOp, "_bwd: grad_out and out must be [B, Sq, H, Dv]");
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({s.B, s.Sq, s.H}) && lse.scalar_type() == ct,
-                    kOp, "_bwd: lse must be ", ct, " [B, Sq, H]");
+  std::vector<int64_t> out_shape = q.sizes().vec();
+  out_shape.back() = s.Dv;
+  TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef(out_shape), kOp,
+                    "_bwd: grad_out and out must have shape ", out_shape);
+  TORCH_CHECK_VALUE(lse.sizes() == q.sizes().slice(0, q.dim() - 1) && lse.scalar_type() == ct,
+                    kOp, "_bwd: lse must be ", ct, " of the shape of q without head_dim");
   TORCH_CHECK_VALUE(!dlse.has_value() || dlse->sizes() == lse.sizes(), kOp,
                     "_bwd: grad_lse must have the shape of lse");
   const auto [qc, qi] = transpose_layout(counts, indices, s.nk);

@@ -32,11 +32,29 @@ def block_sparse_element_mask(block_mask, causal: bool = False) -> torch.Tensor:
 
 
 def block_sparse_attention(q, k, v, block_mask, *, causal: bool = False,
-                           scale: Optional[float] = None, return_lse: bool = False):
-    """Same contract as ``tilefuse.block_sparse_attention`` for ``[B, S, H, D]`` inputs, in the
-    inputs' dtype (use float64 for an oracle)."""
+                           scale: Optional[float] = None, cu_seqlens=None,
+                           return_lse: bool = False):
+    """Same contract as ``tilefuse.block_sparse_attention``, in the inputs' dtype (use float64
+    for an oracle)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens is not None:  # per sequence: layout row b, sequence-local indices
+        cu = cu_seqlens.tolist()
+        outs, lses = [], []
+        bq, bk = block_mask.block_size
+        dense = block_mask.to_dense()
+        for b in range(len(cu) - 1):
+            n = cu[b + 1] - cu[b]
+            lay = dense[b if dense.shape[0] > 1 else 0]
+            el = lay.repeat_interleave(bq, -2)[:, :n].repeat_interleave(bk, -1)[:, :, :n]
+            if causal:
+                el = el & band_mask(n, n, -1, 0, device=el.device)
+            o, l_ = masked_attention(q[cu[b]:cu[b + 1]], k[cu[b]:cu[b + 1]], v[cu[b]:cu[b + 1]],
+                                     el, scale)
+            outs.append(o)
+            lses.append(l_)
+        out, lse = torch.cat(outs), torch.cat(lses)
+        return (out, lse) if return_lse else out
     el = block_sparse_element_mask(block_mask, causal)
     outs, lses = [], []
     for b in range(q.shape[0]):

@@ -10,17 +10,20 @@
 namespace tilefuse::cpu::TF_ISA_NS {
 namespace attn_detail {
 
+// Sequences are packed (p.cu_q / p.cu_k; a dense batch is the equal-length case); layout rows
+// and columns are sequence-local block indices, and blocks past a sequence's end are empty.
+
 template <class T>
 void block_sparse_fwd(const AttentionParams<T>& p, const BlockSparseArgs& a,
                       const ParallelRunner& r) {
-  const index_t Sq = p.Tq / p.B, Sk = p.Tk / p.B;
-  const index_t nq = ceil_div(Sq, a.bq);
-  const BandMask causal = BandMask::make({-1, 0}, Sq, Sk);
+  const index_t nq = a.kv.n_rows;
   const FwdScratch<T> proto = fwd_scratch(p, false);
   for_each_item(r, p.B * p.H * nq, proto, [&](index_t it, FwdScratch<T>& s) {
     const index_t b = it / (p.H * nq), h = (it / nq) % p.H, i = it % nq;
     const index_t hk = h / (p.H / p.Hkv);
-    const index_t qbeg = b * Sq, kbeg = b * Sk;
+    const index_t qbeg = p.cu_q[b], Sq = p.cu_q[b + 1] - qbeg;
+    const index_t kbeg = p.cu_k[b], Sk = p.cu_k[b + 1] - kbeg;
+    const BandMask causal = BandMask::make({-1, 0}, Sq, Sk);
     const T* KT = p.kt + hk * p.D * p.ldkt + kbeg;
     const T* V = p.v.at(hk, kbeg);
     const index_t nblocks = a.kv.count(b, h, i);
@@ -51,16 +54,16 @@ void block_sparse_fwd(const AttentionParams<T>& p, const BlockSparseArgs& a,
 template <class T>
 void block_sparse_bwd(const AttentionParams<T>& p, const BlockSparseArgs& a,
                       const ParallelRunner& r) {
-  const index_t Sq = p.Tq / p.B, Sk = p.Tk / p.B;
-  const index_t nk = ceil_div(Sk, a.bk);
-  const BandMask causal = BandMask::make({-1, 0}, Sq, Sk);
+  const index_t nk = a.q.n_rows;
   const BwdScratch<T> proto = bwd_scratch(p, false);
   const index_t per_head = p.B * p.n_kv_chunks;
   for_each_item(r, p.H * per_head, proto, [&](index_t it, BwdScratch<T>& s) {
     const index_t h = it / per_head, b = (it % per_head) / p.n_kv_chunks;
     const index_t chunk = it % p.n_kv_chunks;
     const index_t hk = h / (p.H / p.Hkv);
-    const index_t qbeg = b * Sq, kbeg = b * Sk;
+    const index_t qbeg = p.cu_q[b], Sq = p.cu_q[b + 1] - qbeg;
+    const index_t kbeg = p.cu_k[b], Sk = p.cu_k[b + 1] - kbeg;
+    const BandMask causal = BandMask::make({-1, 0}, Sq, Sk);
     const index_t ldq = p.q.row_stride, lddo = p.dout.row_stride, ldk = p.k.row_stride;
     const T* Qh = p.q.at(h, qbeg);
     const T* dOh = p.dout.at(h, qbeg);
