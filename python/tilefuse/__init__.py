@@ -8,7 +8,12 @@ from . import ops  # noqa: F401  (fake implementations and autograd)
 from . import reference
 from .functional import attention
 from .backend import cpu_isa, set_cpu_isa
+from .quant import (QuantState, dequantize_4bit, dequantize_int8, int8_linear, linear_4bit,
+                    quantize_4bit, quantize_int8)
+from . import nn
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "reference", "cpu_isa", "set_cpu_isa", "__version__"]
+__all__ = ["attention", "reference", "cpu_isa", "set_cpu_isa", "nn", "QuantState",
+           "quantize_int8", "dequantize_int8", "int8_linear", "quantize_4bit", "dequantize_4bit",
+           "linear_4bit", "__version__"]

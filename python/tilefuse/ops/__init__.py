@@ -2,3 +2,4 @@
 """The only Python that touches ``torch.ops.tilefuse``: fake impls and autograd per family."""
 
 from . import attention  # noqa: F401
+from . import lowbit  # noqa: F401

@@ -5,6 +5,7 @@ They never import the extension and are correct in float64; tests compare every 
 against them.
 """
 
+from . import lowbit
 from .attention import attention
 
-__all__ = ["attention"]
+__all__ = ["attention", "lowbit"]
