@@ -214,7 +214,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   }
   at::Tensor x2 = x.reshape({-1, w.K}).to(at::kFloat).contiguous();
   const int64_t M = x2.size(0), Kp = round_up(std::max<int64_t>(w.K, 1), 32);
-  at::Tensor xp = at::empty({M, Kp}, x2.options());
+  const int64_t ldxp = cpu::linear_4bit_ldxp(Kp);
+  at::Tensor xp = at::empty({M, ldxp}, x2.options());
   at::Tensor b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, w.N}, x2.options());
@@ -228,13 +229,18 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   p.xp = xp.const_data_ptr<float>();
   p.M = M;
   p.Kp = Kp;
+  p.ldxp = ldxp;
   p.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
   p.out = out.mutable_data_ptr<float>();
   constexpr int64_t kTask = cpu::kLinear4bitTileN;
   at::parallel_for(0, ceil_div(w.N, kTask), 1, [&](int64_t b, int64_t e) {
     const int64_t n0 = b * kTask, n1 = std::min(w.N, e * kTask);
-    if (a) cpu::avx2::linear_4bit(p, n0, n1);
-    else cpu::generic::linear_4bit(p, n0, n1);
+    // Few activation rows: the fused GEMV streams each weight row once (when it applies).
+    if (a) {
+      if (!cpu::avx2::linear_4bit_gemv(p, n0, n1)) cpu::avx2::linear_4bit(p, n0, n1);
+    } else {
+      cpu::generic::linear_4bit(p, n0, n1);
+    }
   });
   return out.to(xt).view(out_shape);
 }

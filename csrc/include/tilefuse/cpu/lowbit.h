@@ -66,12 +66,16 @@ struct Fourbit {
   }
 };
 
+/// Row stride of the prepared activations: Kp values (permuted / zero padded), then the Kp / 32
+/// sums of each 32-chunk (used by the int4 zero-point correction).
+TF_HD index_t linear_4bit_ldxp(index_t Kp) { return Kp + Kp / 32; }
+
 /// \brief out[M, N] = x[M, K] . dequant(w)^T + bias, fp32 accumulation. xp is x prepared by
-/// linear_4bit_prepare_x ([M, Kp], Kp = round_up(K, 32)).
+/// linear_4bit_prepare_x ([M, ldxp], Kp = round_up(K, 32), ldxp = linear_4bit_ldxp(Kp)).
 struct Linear4bitParams {
   Fourbit w;
   const float* xp = nullptr;
-  index_t M = 0, Kp = 0;
+  index_t M = 0, Kp = 0, ldxp = 0;
   const float* bias = nullptr;
   float* out = nullptr;
 };
@@ -94,6 +98,7 @@ constexpr index_t kLinear4bitTileN = 16;
   void linear_4bit_prepare_x(const float* x, index_t M, index_t K, index_t ldx, float* xp,   \
                              index_t Kp);                                                    \
   void linear_4bit(const Linear4bitParams& p, index_t n_begin, index_t n_end);               \
+  bool linear_4bit_gemv(const Linear4bitParams& p, index_t n_begin, index_t n_end);          \
   }
 TF_DECLARE_LOWBIT_KERNELS(generic)
 TF_DECLARE_LOWBIT_KERNELS(avx2)

@@ -3,7 +3,7 @@
 // (row-major [N, K], the layout the user and bitsandbytes store), dequantisation, LLM.int8()
 // outlier term and bias fused into the epilogue.
 //
-// AVX2 (no VNNI): a . w over 32 bytes is maddubs(|a|, sign(w, a)) -> 16 x int16, then
+// AVX2 (no VNNI): a . w over 32 bytes is maddubs(|w|, sign(a, w)) -> 16 x int16, then
 // madd(., 1) -> 8 x int32. Exactness: |a|, |w| <= 127 (the quantiser never produces -128), so
 // each int16 lane is |a0 w0| + |a1 w1| <= 2 * 127 * 127 = 32258 < 32767: maddubs never
 // saturates. (Activations offset to u8, as fbgemm does, would reach 2 * 255 * 127 and saturate;
@@ -36,48 +36,53 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-/// MR activation rows x NR weight rows, K in steps of 32; one int32x8 accumulator per pair.
-/// The weight tail (K % 32) is staged through a zero-padded copy so no row is over-read.
+/// MR activation rows x NR weight rows; one int32x8 accumulator per pair over the 32-byte
+/// steps of K, the K % 32 tail in scalar code (no weight row is read past its end).
+/// |w| once per weight vector; the sign of w moves onto a (vpsignb also zeroes a where w = 0).
 template <int MR, int NR>
 void tile(const Int8GemmParams& p, index_t m0, index_t n0) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MR][NR];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
   const index_t K = p.K, Kmain = K & ~index_t(31);
-  auto step = [&](const __m256i* wv, index_t k) {
+  const int8_t* ar[MR];
+  const int8_t* wr[NR];
+  for (int i = 0; i < MR; ++i) ar[i] = p.a + (m0 + i) * p.lda;
+  for (int j = 0; j < NR; ++j) wr[j] = p.w + (n0 + j) * K;
+  for (index_t k = 0; k < Kmain; k += 32) {
+    __m256i wv[NR], uw[NR];
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) {
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
+      uw[j] = _mm256_abs_epi8(wv[j]);
+    }
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const __m256i ua = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a_abs + (m0 + i) * p.lda + k));
-      const __m256i sa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a + (m0 + i) * p.lda + k));
+      const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar[i] + k));
+#pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) {
-        const __m256i prod16 = _mm256_maddubs_epi16(ua, _mm256_sign_epi8(wv[j], sa));
+        const __m256i prod16 = _mm256_maddubs_epi16(uw[j], _mm256_sign_epi8(av, wv[j]));
         acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(prod16, ones));
       }
     }
-  };
-  for (index_t k = 0; k < Kmain; k += 32) {
-    __m256i wv[NR];
-    for (int j = 0; j < NR; ++j)
-      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w + (n0 + j) * K + k));
-    step(wv, k);
   }
-  if (Kmain < K) {
-    alignas(32) int8_t buf[NR][32];
-    __m256i wv[NR];
-    for (int j = 0; j < NR; ++j) {
-      std::memset(buf[j], 0, 32);
-      std::memcpy(buf[j], p.w + (n0 + j) * K + Kmain, static_cast<size_t>(K - Kmain));
-      wv[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf[j]));
-    }
-    step(wv, Kmain);
-  }
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) epilogue(p, m0 + i, n0 + j, hsum_epi32(acc[i][j]));
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) {
+      int32_t v = hsum_epi32(acc[i][j]);
+      for (index_t k = Kmain; k < K; ++k) v += int32_t(ar[i][k]) * int32_t(wr[j][k]);
+      epilogue(p, m0 + i, n0 + j, v);
+    }
 }
 
 template <int MR>
 void row_tiles(const Int8GemmParams& p, index_t m0, index_t n_begin, index_t n_end) {
-  constexpr int NR = MR == 1 ? 4 : 3;
+  // MR * NR accumulators + NR weight vectors + 4 temporaries fit the 16 ymm registers.
+  constexpr int NR = MR == 1 ? 4 : (MR == 2 ? 3 : 2);
   index_t n = n_begin;
   for (; n + NR <= n_end; n += NR) tile<MR, NR>(p, m0, n);
   for (; n < n_end; ++n) tile<MR, 1>(p, m0, n);
@@ -91,7 +96,7 @@ void int8_gemm(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
 #ifdef __AVX2__
   // Weight rows of one n-block stay in L2 (<= ~192 KiB) while every activation tile passes
   // over them, so each weight byte comes from DRAM once.
-  const index_t nb = imax(12, imin(96, (192 * 1024) / imax(p.K, 1) / 12 * 12));
+  const index_t nb = imax(12, imin(96, (192 * 1024) / imax(p.K, 1) / 12 * 12));  // mult. of NR
   for (index_t n0 = n_begin; n0 < n_end; n0 += nb) {
     const index_t n1 = imin(n_end, n0 + nb);
     index_t m = 0;
