@@ -140,6 +140,18 @@ def test_outlier_matches_bitsandbytes_semantics():
     assert torch.allclose(out.double(), main + extra, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("M,thr,gemm_path", [(2, 2.0, False), (40, 1.0, True)])
+def test_many_outlier_columns(M, thr, gemm_path, cpu_isa):
+    """Up to 256 outlier products per call are added in the kernel epilogue; more take the
+    gathered fp32 GEMM path. Both must match the reference."""
+    x = torch.randn(M, 200) * 1.5
+    q, s = tilefuse.quantize_int8(torch.randn(30, 200))
+    _, _, mask = ref.quantize_int8_rows(x, thr)
+    assert (M * int(mask.sum()) > 256) == gemm_path and int(mask.sum()) > 20
+    b = torch.randn(30)
+    _close(tilefuse.int8_linear(x, q, s, b, thr), ref.int8_linear(x, q, s, b, thr), torch.float32)
+
+
 def test_gradients_to_input_and_bias(cpu_isa):
     x = torch.randn(3, 2, 48, requires_grad=True)
     b = torch.randn(20, requires_grad=True)

@@ -96,14 +96,19 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
 
   // LLM.int8(): columns with any |x| >= threshold leave the int8 product; their contribution
   // x_o . q_o^T (weights dequantised from int8, as bitsandbytes) is added in the epilogue.
-  at::Tensor mask, extra;
+  // Few outlier products are added by the kernel epilogue from the weight rows it streams;
+  // many go through one fp32 GEMM on the gathered columns.
+  at::Tensor mask, extra, cols, xo;
   if (threshold > 0.0 && M > 0) {
     mask = (x2.abs() >= threshold).any(0);
-    at::Tensor cols = mask.nonzero().view(-1);
+    cols = mask.nonzero().view(-1).contiguous();
     if (cols.numel() > 0) {
-      at::Tensor xo = x2.index_select(1, cols);
-      at::Tensor wo = qw.index_select(1, cols).to(at::kFloat);
-      extra = at::mm(xo, wo.t()).contiguous();
+      xo = x2.index_select(1, cols).contiguous();
+      if (M * cols.numel() > 256) {
+        at::Tensor wo = qw.index_select(1, cols).to(at::kFloat);
+        extra = at::mm(xo, wo.t()).contiguous();
+        xo = at::Tensor();
+      }
     }
     mask = mask.to(at::kByte).contiguous();
   }
@@ -128,6 +133,11 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
   p.w_scale = ws.const_data_ptr<float>();
   p.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
   p.extra = extra.defined() ? extra.const_data_ptr<float>() : nullptr;
+  if (xo.defined()) {
+    p.out_cols = cols.const_data_ptr<int64_t>();
+    p.x_out = xo.const_data_ptr<float>();
+    p.n_out = cols.numel();
+  }
   p.out = out.mutable_data_ptr<float>();
   p.M = M;
   p.N = N;

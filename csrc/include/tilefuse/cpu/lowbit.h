@@ -26,6 +26,11 @@ struct Int8GemmParams {
   const float* w_scale = nullptr;///< [N]
   const float* bias = nullptr;   ///< [N] or null
   const float* extra = nullptr;  ///< [M, N] LLM.int8() outlier product x_o . q_o^T, or null
+  /// Alternative to `extra` for a few outliers: the epilogue adds x_out[m, t] * w[n, cols[t]]
+  /// itself, reading the weight row it just streamed (no separate gather pass over w).
+  const int64_t* out_cols = nullptr;
+  const float* x_out = nullptr;  ///< [M, n_out]
+  index_t n_out = 0;
   float* out = nullptr;          ///< [M, N]
   index_t M = 0, N = 0, K = 0, lda = 0;
 };

@@ -23,6 +23,13 @@ inline void epilogue(const Int8GemmParams& p, index_t m, index_t n, int32_t acc)
   const float ws = p.w_scale[n];
   float v = static_cast<float>(acc) * (p.a_scale[m] * ws);
   if (p.extra != nullptr) v += p.extra[m * p.N + n] * ws;
+  if (p.n_out > 0) {
+    const int8_t* w = p.w + n * p.K;
+    const float* xo = p.x_out + m * p.n_out;
+    float e = 0.0f;
+    for (index_t t = 0; t < p.n_out; ++t) e += xo[t] * static_cast<float>(w[p.out_cols[t]]);
+    v += e * ws;
+  }
   if (p.bias != nullptr) v += p.bias[n];
   p.out[m * p.N + n] = v;
 }
