@@ -16,7 +16,7 @@ namespace {
 using lowbit::Fmt4;
 using namespace lowbit_detail;
 constexpr index_t kTileN = kLinear4bitTileN;
-constexpr index_t kChunkK = 512;  // kTileN * kChunkK * 4 bytes = 32 KiB
+constexpr index_t kChunkK = 1024;  // kTileN * kChunkK * 4 bytes = 32 KiB
 
 
 /// Decodes weight row n, columns [k0, k0 + kc), into dst (natural order, or the AVX2 order on
