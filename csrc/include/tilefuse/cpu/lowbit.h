@@ -101,7 +101,7 @@ constexpr index_t kLinear4bitTileN = 8;
                            uint8_t* q, float* absmax, index_t b_begin, index_t b_end);       \
   void dequantize_4bit(const Fourbit& w, float* out, index_t e_begin, index_t e_end);        \
   void linear_4bit_prepare_x(const float* x, index_t M, index_t K, index_t ldx, float* xp,   \
-                             index_t Kp);                                                    \
+                             index_t Kp, lowbit::Fmt4 fmt);                                  \
   void linear_4bit(const Linear4bitParams& p, index_t n_begin, index_t n_end);               \
   bool linear_4bit_gemv(const Linear4bitParams& p, index_t n_begin, index_t n_end);          \
   }

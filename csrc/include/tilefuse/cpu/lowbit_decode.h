@@ -35,8 +35,11 @@ inline bool fast_layout(index_t K) { return K % 32 == 0; }
 #ifdef __AVX2__
 constexpr bool kPermutes = true;
 
-/// Position (within a 32-chunk) of the element the decoder writes to slot i.
-inline int permuted_source(int i) {
+/// Position (within a 32-chunk) of the element the decoder writes to slot i: the table
+/// decoders interleave nibbles per 128-bit lane, the int4 decoder converts 8 bytes at a time
+/// (high nibbles, then low nibbles).
+inline int permuted_source(int i, Fmt4 fmt) {
+  if (fmt == Fmt4::kInt4) return 16 * (i / 16) + 2 * (i % 8) + (i / 8) % 2;
   const int g = i / 8, j = i % 8;
   return 8 * g + (j < 4 ? 2 * j : 2 * (j - 4) + 1);
 }
@@ -47,9 +50,10 @@ inline int permuted_source(int i) {
 /// mult_inv) then goes into the block scale.
 struct Planes {
   __m256i p[4];
-  int nplanes = 4;
+  int nplanes = 4;  // 4, 2, or 0 = int4 (no table: the code converted to float)
   float mult = 1.0f;
   explicit Planes(Fmt4 fmt) {
+    if (fmt == Fmt4::kInt4) nplanes = 0;
     const float mult_inv = fmt == Fmt4::kFP4 ? 12.0f : 1.0f;
     uint32_t bits[16];
     bool bf16_exact = fmt != Fmt4::kNF4;
@@ -63,7 +67,7 @@ struct Planes {
         const float v = lowbit::code4_value(fmt, c);
         std::memcpy(&bits[c], &v, 4);
       }
-    } else {
+    } else if (fmt != Fmt4::kInt4) {
       nplanes = 2;
       mult = 1.0f / mult_inv;
     }
@@ -81,6 +85,19 @@ struct Decoded {
 };
 template <int NP>
 inline Decoded decode32(const Planes& t, const uint8_t* src) {
+  if constexpr (NP == 0) {
+    // int4: the codes are the values; two conversions per 8 codes beat any table lookup.
+    (void)t;
+    const __m256i lo = _mm256_set1_epi32(15);
+    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8)));
+    Decoded d;
+    d.f[0] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
+    d.f[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, lo));
+    d.f[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
+    d.f[3] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, lo));
+    return d;
+  }
   const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
   // Low lane: high nibbles (shift the 32-bit words by 4); high lane: low nibbles.
   const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
@@ -105,7 +122,8 @@ inline Decoded decode32(const Planes& t, const uint8_t* src) {
 
 /// Decodes 32 codes scaled, out = t * s + c, into out[0..32).
 inline void decode32_store(const Planes& t, const uint8_t* src, __m256 s, __m256 c, float* out) {
-  const Decoded d = t.nplanes == 2 ? decode32<2>(t, src) : decode32<4>(t, src);
+  const Decoded d = t.nplanes == 0 ? decode32<0>(t, src)
+                    : (t.nplanes == 2 ? decode32<2>(t, src) : decode32<4>(t, src));
   for (int i = 0; i < 4; ++i) _mm256_store_ps(out + 8 * i, _mm256_fmadd_ps(d.f[i], s, c));
 }
 #else

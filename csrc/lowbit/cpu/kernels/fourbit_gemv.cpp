@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // Fused 4-bit GEMV for up to 8 activation rows (decode, the batch-1..8 case of LLM decoding):
 // each weight row is streamed once, decoded 32 codes at a time into registers and multiplied
-// with the (permuted) activation rows; nothing goes through memory. The block scale is applied
-// once per block to the block's partial sums rather than to every weight (it saves one
-// multiply per 8 weights on the FMA ports, which the decoder's shuffles share), and int4's
-// zero point becomes -zero * scale * sum(x over the block), from the chunk sums that
+// with the (permuted) activation rows; nothing goes through memory. The block scale multiplies
+// the decoded weights (applying it to per-block partial sums instead saves those multiplies but
+// put a reduction on the critical path every block: slower at the default block of 64), and
+// int4's zero point becomes -zero * scale * sum(x over each 32-chunk), from the chunk sums that
 // linear_4bit_prepare_x stores after each activation row.
 #include "tilefuse/cpu/lowbit_decode.h"
 
@@ -22,53 +22,55 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-/// out[m0 .. m0 + MR, n] for one weight row n.
+/// out[m0 .. m0 + MR, n] for one weight row n (a block may start in the previous row when K is
+/// not a multiple of the block: the block index is taken per 32-chunk).
 template <int MR, int NP>
 void gemv_row(const Linear4bitParams& p, const Planes& t, index_t n, index_t m0, int lb) {
   const Fourbit& w = p.w;
   const bool int4 = w.fmt == Fmt4::kInt4;
   // Independent accumulator chains per activation row (FMA latency 4, two ports).
   constexpr int NA = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
-  const uint8_t* src = w.packed + ((n * w.K) >> 1);
+  const index_t f0 = n * w.K;
+  const uint8_t* src = w.packed + (f0 >> 1);
   const float* xr[MR];
-  for (int i = 0; i < MR; ++i) xr[i] = p.xp + (m0 + i) * p.ldxp;
-  __m256 acc[MR][NA], tot[MR];
-  float xseg[MR], corr[MR];
+  __m256 tot[MR];
+  float corr[MR];
   for (int i = 0; i < MR; ++i) {
+    xr[i] = p.xp + (m0 + i) * p.ldxp;
     tot[i] = _mm256_setzero_ps();
-    for (int a = 0; a < NA; ++a) acc[i][a] = _mm256_setzero_ps();
-    xseg[i] = corr[i] = 0.0f;
+    corr[i] = 0.0f;
   }
-  index_t cur = (n * w.K) >> lb;
-  auto flush = [&](index_t b) {
-    const float s = w.scale(b) * t.mult;
-    const __m256 sv = _mm256_set1_ps(s);
-    const float zs = int4 ? -static_cast<float>(w.zero[b]) * w.scale(b) : 0.0f;
-    for (int i = 0; i < MR; ++i) {
-      __m256 sum = acc[i][0];
-      for (int a = 1; a < NA; ++a) sum = _mm256_add_ps(sum, acc[i][a]);
-      tot[i] = _mm256_fmadd_ps(sum, sv, tot[i]);
-      for (int a = 0; a < NA; ++a) acc[i][a] = _mm256_setzero_ps();
-      corr[i] += zs * xseg[i];
-      xseg[i] = 0.0f;
-    }
-  };
+  // Weights scaled as decoded (one multiply per 8, shared by the MR rows), accumulated into
+  // long-lived accumulators: no per-block reduction on the critical path.
+  __m256 acc[MR][NA];
+  for (int i = 0; i < MR; ++i)
+    for (int a = 0; a < NA; ++a) acc[i][a] = _mm256_setzero_ps();
+  index_t cur = -1;
+  __m256 sv = _mm256_setzero_ps();
+  float zs = 0.0f;
   for (index_t k = 0; k < w.K; k += 32) {
-    const index_t b = (n * w.K + k) >> lb;
+    const index_t b = (f0 + k) >> lb;
     if (b != cur) {
-      flush(cur);
       cur = b;
+      const float s = w.scale(b);
+      sv = _mm256_set1_ps(s * t.mult);
+      zs = int4 ? -static_cast<float>(w.zero[b]) * s : 0.0f;
     }
-    // The rows are consecutive in memory, so this also runs ahead into the next rows.
+    // Rows are consecutive in memory, so this also runs ahead into the next rows.
     if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + (k >> 1)) + 1024, _MM_HINT_T0);
     const Decoded d = decode32<NP>(t, src + (k >> 1));
+    __m256 ws[4];
+    for (int j = 0; j < 4; ++j) ws[j] = _mm256_mul_ps(d.f[j], sv);
     for (int i = 0; i < MR; ++i) {
       for (int j = 0; j < 4; ++j)
-        acc[i][j % NA] = _mm256_fmadd_ps(d.f[j], _mm256_loadu_ps(xr[i] + k + 8 * j), acc[i][j % NA]);
-      if (int4) xseg[i] += xr[i][p.Kp + (k >> 5)];
+        acc[i][j % NA] = _mm256_fmadd_ps(ws[j], _mm256_loadu_ps(xr[i] + k + 8 * j), acc[i][j % NA]);
+      if (int4) corr[i] += zs * xr[i][p.Kp + (k >> 5)];
     }
   }
-  flush(cur);
+  for (int i = 0; i < MR; ++i) {
+    tot[i] = acc[i][0];
+    for (int a = 1; a < NA; ++a) tot[i] = _mm256_add_ps(tot[i], acc[i][a]);
+  }
   for (int i = 0; i < MR; ++i) {
     float v = hsum8(tot[i]) + corr[i];
     if (p.bias != nullptr) v += p.bias[n];
@@ -99,8 +101,11 @@ bool linear_4bit_gemv(const Linear4bitParams& p, index_t n_begin, index_t n_end)
   if (p.M > 8 || !fast_layout(p.w.K)) return false;
   const Planes planes(p.w.fmt);
   const int lb = log2_pow2(p.w.block);
-  if (planes.nplanes == 2) gemv_rows<2>(p, planes, n_begin, n_end, lb);
-  else gemv_rows<4>(p, planes, n_begin, n_end, lb);
+  switch (planes.nplanes) {
+    case 0: gemv_rows<0>(p, planes, n_begin, n_end, lb); break;
+    case 2: gemv_rows<2>(p, planes, n_begin, n_end, lb); break;
+    default: gemv_rows<4>(p, planes, n_begin, n_end, lb); break;
+  }
   return true;
 #else
   (void)p;

@@ -109,7 +109,7 @@ void dot_rows(const Linear4bitParams& p, index_t m0, index_t n0, index_t nb, ind
 }  // namespace
 
 void linear_4bit_prepare_x(const float* x, index_t M, index_t K, index_t ldx, float* xp,
-                           index_t Kp) {
+                           index_t Kp, lowbit::Fmt4 fmt) {
   const index_t ldxp = linear_4bit_ldxp(Kp);
   for (index_t m = 0; m < M; ++m) {
     const float* src = x + m * ldx;
@@ -117,9 +117,10 @@ void linear_4bit_prepare_x(const float* x, index_t M, index_t K, index_t ldx, fl
     if (kPermutes && fast_layout(K)) {
 #ifdef __AVX2__
       for (index_t k = 0; k < K; k += 32)
-        for (int i = 0; i < 32; ++i) dst[k + i] = src[k + permuted_source(i)];
+        for (int i = 0; i < 32; ++i) dst[k + i] = src[k + permuted_source(i, fmt)];
 #endif
     } else {
+      (void)fmt;
       std::memcpy(dst, src, static_cast<size_t>(K) * sizeof(float));
     }
     for (index_t k = K; k < Kp; ++k) dst[k] = 0.0f;
