@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 // Fused 4-bit GEMV for up to 8 activation rows (decode, the batch-1..8 case of LLM decoding):
 // each weight row is streamed once, decoded 32 codes at a time into registers and multiplied
-// with the (permuted) activation rows; nothing goes through memory. The block scale multiplies
-// the decoded weights (applying it to per-block partial sums instead saves those multiplies but
-// put a reduction on the critical path every block: slower at the default block of 64), and
-// int4's zero point becomes -zero * scale * sum(x over each 32-chunk), from the chunk sums that
-// linear_4bit_prepare_x stores after each activation row.
+// with the (permuted) activation rows; nothing goes through memory. Each block's unscaled
+// partial sums are folded into the totals with one FMA per accumulator when the block ends
+// (scaling every decoded weight instead costs one more multiply per 8 weights on the ports
+// the decoder's shuffles share; reducing the partial sums first puts adds on the critical
+// path), and int4's zero point becomes -zero * scale * sum(x over the block), from the chunk
+// sums that linear_4bit_prepare_x stores after each activation row.
 #include "tilefuse/cpu/lowbit_decode.h"
 
 namespace tilefuse::cpu::TF_ISA_NS {
@@ -40,36 +41,51 @@ void gemv_row(const Linear4bitParams& p, const Planes& t, index_t n, index_t m0,
     tot[i] = _mm256_setzero_ps();
     corr[i] = 0.0f;
   }
-  // Weights scaled as decoded (one multiply per 8, shared by the MR rows), accumulated into
-  // long-lived accumulators: no per-block reduction on the critical path.
-  __m256 acc[MR][NA];
+  // Per block: unscaled partial sums acc, folded into tot with one FMA per accumulator when the
+  // block ends (independent chains, no reduction on the critical path).
+  __m256 acc[MR][NA], tsum[MR][NA];
   for (int i = 0; i < MR; ++i)
-    for (int a = 0; a < NA; ++a) acc[i][a] = _mm256_setzero_ps();
-  index_t cur = -1;
-  __m256 sv = _mm256_setzero_ps();
-  float zs = 0.0f;
+    for (int a = 0; a < NA; ++a) acc[i][a] = tsum[i][a] = _mm256_setzero_ps();
+  float xseg[MR];
+  for (int i = 0; i < MR; ++i) xseg[i] = 0.0f;
+  index_t cur = f0 >> lb;
   for (index_t k = 0; k < w.K; k += 32) {
     const index_t b = (f0 + k) >> lb;
     if (b != cur) {
+      const float s = w.scale(cur);
+      const __m256 sv = _mm256_set1_ps(s * t.mult);
+      const float zs = int4 ? -static_cast<float>(w.zero[cur]) * s : 0.0f;
+      for (int i = 0; i < MR; ++i) {
+        for (int a = 0; a < NA; ++a) {
+          tsum[i][a] = _mm256_fmadd_ps(acc[i][a], sv, tsum[i][a]);
+          acc[i][a] = _mm256_setzero_ps();
+        }
+        corr[i] += zs * xseg[i];
+        xseg[i] = 0.0f;
+      }
       cur = b;
-      const float s = w.scale(b);
-      sv = _mm256_set1_ps(s * t.mult);
-      zs = int4 ? -static_cast<float>(w.zero[b]) * s : 0.0f;
     }
     // Rows are consecutive in memory, so this also runs ahead into the next rows.
     if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + (k >> 1)) + 1024, _MM_HINT_T0);
     const Decoded d = decode32<NP>(t, src + (k >> 1));
-    __m256 ws[4];
-    for (int j = 0; j < 4; ++j) ws[j] = _mm256_mul_ps(d.f[j], sv);
     for (int i = 0; i < MR; ++i) {
       for (int j = 0; j < 4; ++j)
-        acc[i][j % NA] = _mm256_fmadd_ps(ws[j], _mm256_loadu_ps(xr[i] + k + 8 * j), acc[i][j % NA]);
-      if (int4) corr[i] += zs * xr[i][p.Kp + (k >> 5)];
+        acc[i][j % NA] = _mm256_fmadd_ps(d.f[j], _mm256_loadu_ps(xr[i] + k + 8 * j), acc[i][j % NA]);
+      if (int4) xseg[i] += xr[i][p.Kp + (k >> 5)];
+    }
+  }
+  {
+    const float s = w.scale(cur);
+    const __m256 sv = _mm256_set1_ps(s * t.mult);
+    const float zs = int4 ? -static_cast<float>(w.zero[cur]) * s : 0.0f;
+    for (int i = 0; i < MR; ++i) {
+      for (int a = 0; a < NA; ++a) tsum[i][a] = _mm256_fmadd_ps(acc[i][a], sv, tsum[i][a]);
+      corr[i] += zs * xseg[i];
     }
   }
   for (int i = 0; i < MR; ++i) {
-    tot[i] = acc[i][0];
-    for (int a = 1; a < NA; ++a) tot[i] = _mm256_add_ps(tot[i], acc[i][a]);
+    tot[i] = tsum[i][0];
+    for (int a = 1; a < NA; ++a) tot[i] = _mm256_add_ps(tot[i], tsum[i][a]);
   }
   for (int i = 0; i < MR; ++i) {
     float v = hsum8(tot[i]) + corr[i];
