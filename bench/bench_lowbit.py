@@ -161,7 +161,7 @@ def main():
     print(text)
     out_dir = os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "lowbit.md")
+    path = os.path.join(out_dir, f"lowbit_t{args.threads}.md")
     with open(path, "w") as f:
         f.write("<!-- SPDX-License-Identifier: Apache-2.0 -->\n# bench_lowbit.py\n\n" + text + "\n")
     print(f"\nsaved {path}")

@@ -86,7 +86,7 @@ struct Linear4bitParams {
 };
 
 /// Output columns per task of linear_4bit (the adapter splits N in multiples of this).
-constexpr index_t kLinear4bitTileN = 8;
+constexpr index_t kLinear4bitTileN = 16;
 
 #define TF_DECLARE_LOWBIT_KERNELS(ns)                                                          \
   namespace ns {                                                                             \

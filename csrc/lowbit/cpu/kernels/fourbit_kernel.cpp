@@ -1,14 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
-// 4-bit weight-only linear (nf4 / fp4 / e2m1 / int4) with dequantisation fused into the GEMM:
-// for each tile of kTileN weight rows and kChunkK columns the codes are decoded (and scaled)
-// into a 32 KiB fp32 buffer that stays in L1, then every activation row is dotted with it.
+// 4-bit weight-only linear (nf4 / fp4 / e2m1 / int4) with dequantisation fused into the GEMM
+// (M > 8, or any M when K % 32 != 0; fourbit_gemv.cpp has the GEMV): for each tile of kTileN
+// weight rows and kChunkK columns the codes are decoded (and scaled) into an L1-resident panel,
+// transposed k-major, and the register-blocked fp32 micro-kernel of tilefuse/cpu/gemm.h runs
+// every activation row over it (6 x 16 tile, activations broadcast, no horizontal sums).
 // fp32 accumulation throughout. The weights are read in bitsandbytes' layout as stored.
 // The AVX2 decoder is in tilefuse/cpu/lowbit_decode.h.
 #include <cmath>
 #include <cstring>
+#include <vector>
 
+#include "tilefuse/cpu/gemm.h"
 #include "tilefuse/cpu/lowbit_decode.h"
-#include "tilefuse/cpu/vec.h"
 
 namespace tilefuse::cpu::TF_ISA_NS {
 namespace {
@@ -16,8 +19,7 @@ namespace {
 using lowbit::Fmt4;
 using namespace lowbit_detail;
 constexpr index_t kTileN = kLinear4bitTileN;
-constexpr index_t kChunkK = 1024;  // kTileN * kChunkK * 4 bytes = 32 KiB
-
+constexpr index_t kChunkK = 256;  // kTileN * kChunkK * 4 bytes = 16 KiB per panel
 
 /// Decodes weight row n, columns [k0, k0 + kc), into dst (natural order, or the AVX2 order on
 /// the fast path), zero-filling up to kc rounded to 8.
@@ -73,37 +75,35 @@ inline void prefetch_next(const Fourbit& w, index_t n0, index_t nb, index_t k0, 
   }
 }
 
-/// out[m0 + i, n0 + j] += sum_k xp[m0 + i, k0 + k] * wbuf[j, k], k < kcp (multiple of 8).
-template <int MR, int NR>
-void dot_tile(const Linear4bitParams& p, index_t m0, index_t n0, index_t j0, index_t k0,
-              index_t kcp, const float* wbuf) {
-  using V = vec_t<float>;
-  V acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = V{};
-  const float* xr = p.xp + m0 * p.ldxp + k0;
-  const float* wr = wbuf + j0 * kChunkK;
+/// wt[k][j] = wrow[j][k] for k < kcp (a multiple of 8), j < kTileN: the decoded rows turned
+/// into the k-major panel the GEMM micro-kernel broadcasts activations against.
+void transpose_panel(const float* wrow, index_t kcp, float* wt) {
+#ifdef __AVX2__
   for (index_t k = 0; k < kcp; k += 8) {
-    V wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = loadv(wr + j * kChunkK + k);
-    for (int i = 0; i < MR; ++i) {
-      const V xv = loadv(xr + i * p.ldxp + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] += xv * wv[j];
+    for (index_t jb = 0; jb < kTileN; jb += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j) r[j] = _mm256_load_ps(wrow + (jb + j) * kChunkK + k);
+      __m256 t[8], u[8];
+      for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+        t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+      }
+      for (int h = 0; h < 8; h += 4) {
+        u[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+        u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xee);
+        u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+        u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xee);
+      }
+      for (int q = 0; q < 4; ++q) {
+        _mm256_store_ps(wt + (k + q) * kTileN + jb, _mm256_permute2f128_ps(u[q], u[q + 4], 0x20));
+        _mm256_store_ps(wt + (k + q + 4) * kTileN + jb, _mm256_permute2f128_ps(u[q], u[q + 4], 0x31));
+      }
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) p.out[(m0 + i) * p.w.N + n0 + j0 + j] += hsum<float>(acc[i][j]);
-}
-
-template <int MR>
-void dot_rows(const Linear4bitParams& p, index_t m0, index_t n0, index_t nb, index_t k0,
-              index_t kcp, const float* wbuf) {
-  // NR divides kTileN; few activation rows get more weight rows, so that there are always
-  // >= 8 independent accumulator chains (FMA latency 4 x 2 ports).
-  constexpr int NR = MR == 1 ? 8 : (MR == 2 ? 4 : 2);
-  index_t j = 0;
-  for (; j + NR <= nb; j += NR) dot_tile<MR, NR>(p, m0, n0, j, k0, kcp, wbuf);
-  for (; j < nb; ++j) dot_tile<MR, 1>(p, m0, n0, j, k0, kcp, wbuf);
+#else
+  for (index_t k = 0; k < kcp; ++k)
+    for (index_t j = 0; j < kTileN; ++j) wt[k * kTileN + j] = wrow[j * kChunkK + k];
+#endif
 }
 
 }  // namespace
@@ -135,7 +135,9 @@ void linear_4bit_prepare_x(const float* x, index_t M, index_t K, index_t ldx, fl
 void linear_4bit(const Linear4bitParams& p, index_t n_begin, index_t n_end) {
   const Fourbit& w = p.w;
   const int lb = log2_pow2(w.block);
-  alignas(64) float wbuf[kTileN * kChunkK];
+  alignas(64) float wrow[kTileN * kChunkK];  // decoded rows (16 KiB)
+  alignas(64) float wt[kChunkK * kTileN];    // the same, k-major (16 KiB)
+  std::vector<float> ctail;                  // output of a last tile narrower than kTileN
 #ifdef __AVX2__
   const Planes planes(w.fmt);
   const void* pl = &planes;
@@ -144,17 +146,27 @@ void linear_4bit(const Linear4bitParams& p, index_t n_begin, index_t n_end) {
 #endif
   for (index_t n0 = n_begin; n0 < n_end; n0 += kTileN) {
     const index_t nb = imin(kTileN, n_end - n0);
+    float* c = p.out + n0;
+    index_t ldc = w.N;
+    if (nb < kTileN) {
+      ctail.assign(static_cast<size_t>(p.M * kTileN), 0.0f);
+      c = ctail.data();
+      ldc = kTileN;
+    }
     for (index_t m = 0; m < p.M; ++m)
-      for (index_t j = 0; j < nb; ++j) p.out[m * w.N + n0 + j] = p.bias ? p.bias[n0 + j] : 0.0f;
+      for (index_t j = 0; j < kTileN; ++j) c[m * ldc + j] = p.bias && j < nb ? p.bias[n0 + j] : 0.0f;
     for (index_t k0 = 0; k0 < w.K; k0 += kChunkK) {
       const index_t kc = imin(kChunkK, w.K - k0), kcp = round_up(kc, 8);
-      for (index_t j = 0; j < nb; ++j) decode_row(w, n0 + j, k0, kc, wbuf + j * kChunkK, lb, pl);
+      for (index_t j = 0; j < nb; ++j) decode_row(w, n0 + j, k0, kc, wrow + j * kChunkK, lb, pl);
+      for (index_t j = nb; j < kTileN; ++j) std::memset(wrow + j * kChunkK, 0, sizeof(float) * kcp);
       prefetch_next(w, n0, nb, k0, n_end);
-      index_t m = 0;
-      for (; m + 4 <= p.M; m += 4) dot_rows<4>(p, m, n0, nb, k0, kcp, wbuf);
-      for (; m + 2 <= p.M; m += 2) dot_rows<2>(p, m, n0, nb, k0, kcp, wbuf);
-      for (; m < p.M; ++m) dot_rows<1>(p, m, n0, nb, k0, kcp, wbuf);
+      transpose_panel(wrow, kcp, wt);
+      gemm<GemmOut::kAccumulate, float>(p.M, kTileN, kcp, p.xp + k0, p.ldxp, 1, wt, kTileN, c,
+                                        ldc);
     }
+    if (nb < kTileN)
+      for (index_t m = 0; m < p.M; ++m)
+        std::memcpy(p.out + m * w.N + n0, c + m * kTileN, sizeof(float) * nb);
   }
 }
 
