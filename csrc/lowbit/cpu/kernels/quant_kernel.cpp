@@ -61,10 +61,11 @@ void quantize_4bit(const float* x, index_t n, index_t block, Fmt4 fmt, uint8_t* 
     const index_t e0 = b * block, e1 = imin(n, e0 + block);
     float amax = 0.0f, mn = 0.0f, mx = 0.0f;
     for (index_t e = e0; e < e1; ++e) {
-      const float v = x[e];
-      amax = std::fmax(amax, std::fabs(v));
-      mn = std::fmin(mn, v);
-      mx = std::fmax(mx, v);
+      // Comparisons rather than std::fmax (a libm call here); both ignore NaN.
+      const float v = x[e], a = std::fabs(v);
+      amax = a > amax ? a : amax;
+      mn = v < mn ? v : mn;
+      mx = v > mx ? v : mx;
     }
     float inv = 0.0f, scale = 0.0f;
     int zp = 0;
@@ -112,7 +113,10 @@ void quantize_blockwise8(const float* x, index_t n, index_t block, const float* 
   for (index_t b = b_begin; b < b_end; ++b) {
     const index_t e0 = b * block, e1 = imin(n, e0 + block);
     float amax = 0.0f;
-    for (index_t e = e0; e < e1; ++e) amax = std::fmax(amax, std::fabs(x[e]));
+    for (index_t e = e0; e < e1; ++e) {
+      const float a = std::fabs(x[e]);
+      amax = a > amax ? a : amax;
+    }
     absmax[b] = amax;
     const float inv = amax > 0.0f ? 1.0f / amax : 0.0f;
     for (index_t e = e0; e < e1; ++e) q[e] = static_cast<uint8_t>(lowbit::dynamic8_quantize(code, x[e] * inv));
