@@ -91,7 +91,6 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
 
   const int64_t lda = round_up(std::max<int64_t>(K, 1), cpu::kInt8KPad);
   at::Tensor aq = at::empty({M, lda}, x2.options().dtype(at::kChar));
-  at::Tensor aabs = at::empty({M, lda}, x2.options().dtype(at::kByte));
   at::Tensor ascale = at::empty({M}, x2.options());
 
   // LLM.int8(): columns with any |x| >= threshold leave the int8 product; their contribution
@@ -120,14 +119,12 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
   qp.threshold = static_cast<float>(threshold);
   qp.col_mask = mask.defined() ? mask.const_data_ptr<uint8_t>() : nullptr;
   qp.q = aq.mutable_data_ptr<int8_t>();
-  qp.q_abs = aabs.mutable_data_ptr<uint8_t>();
   qp.scale = ascale.mutable_data_ptr<float>();
   quantize_rows(qp, M);
 
   at::Tensor out = at::empty({M, N}, x2.options());
   cpu::Int8GemmParams p;
   p.a = aq.const_data_ptr<int8_t>();
-  p.a_abs = aabs.const_data_ptr<uint8_t>();
   p.a_scale = ascale.const_data_ptr<float>();
   p.w = qw.const_data_ptr<int8_t>();
   p.w_scale = ws.const_data_ptr<float>();

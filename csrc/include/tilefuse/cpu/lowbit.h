@@ -20,7 +20,6 @@ constexpr index_t kInt8KPad = 32;
 ///        + extra[m, n] * w_scale[n] + bias[n], exact int32 dot products.
 struct Int8GemmParams {
   const int8_t* a = nullptr;     ///< [M, lda] quantized activations, zero past K
-  const uint8_t* a_abs = nullptr;///< [M, lda] |a| (lets the AVX2 kernel use maddubs exactly)
   const float* a_scale = nullptr;///< [M] absmax / 127 (0 for an all-zero row)
   const int8_t* w = nullptr;     ///< [N, K] row-major (the user's qweight, unpadded)
   const float* w_scale = nullptr;///< [N]
@@ -37,15 +36,14 @@ struct Int8GemmParams {
 
 /// \brief One row range of int8 rowwise quantisation: scale[r] = absmax / 127 over the entries
 /// with |x| < threshold (all when threshold <= 0), q = round_half_even(x * 127 / absmax);
-/// columns with col_mask[k] != 0 are set to 0 (LLM.int8() outliers). q/q_abs rows have ldq
-/// entries, zero padded past K. q_abs may be null.
+/// columns with col_mask[k] != 0 are set to 0 (LLM.int8() outliers). q rows have ldq entries,
+/// zero padded past K.
 struct Int8QuantParams {
   const float* x = nullptr;  ///< [rows, ldx]
   index_t K = 0, ldx = 0, ldq = 0;
   float threshold = 0.0f;
   const uint8_t* col_mask = nullptr;  ///< [K] or null
   int8_t* q = nullptr;
-  uint8_t* q_abs = nullptr;
   float* scale = nullptr;
 };
 

@@ -23,7 +23,6 @@ void int8_quantize_rows(const Int8QuantParams& p, index_t r_begin, index_t r_end
       if (!(thr && a >= p.threshold)) amax = a > amax ? a : amax;
     }
     int8_t* q = p.q + r * p.ldq;
-    uint8_t* qa = p.q_abs ? p.q_abs + r * p.ldq : nullptr;
     p.scale[r] = amax / 127.0f;
     // An all-zero (or all-outlier) row has no scale: bitsandbytes would produce NaN here; we
     // produce zeros, which is what the exact product of that row is.
@@ -34,12 +33,8 @@ void int8_quantize_rows(const Int8QuantParams& p, index_t r_begin, index_t r_end
       if (p.col_mask != nullptr && p.col_mask[k]) v = 0.0f;
       if (thr && std::fabs(x[k]) >= p.threshold) v = 0.0f;
       q[k] = static_cast<int8_t>(v);
-      if (qa) qa[k] = static_cast<uint8_t>(v < 0 ? -v : v);
     }
-    for (index_t k = p.K; k < p.ldq; ++k) {
-      q[k] = 0;
-      if (qa) qa[k] = 0;
-    }
+    for (index_t k = p.K; k < p.ldq; ++k) q[k] = 0;
   }
 }
 
