@@ -3,4 +3,5 @@
 
 from . import attention  # noqa: F401
 from . import block_sparse  # noqa: F401
+from . import lowbit  # noqa: F401
 from . import neighborhood  # noqa: F401

@@ -5,9 +5,10 @@ They never import the extension and are correct in float64; tests compare every 
 against them.
 """
 
+from . import lowbit
 from .attention import attention
 from .block_sparse import block_sparse_attention, block_sparse_element_mask
 from .neighborhood import na, window_attention
 
-__all__ = ["attention", "block_sparse_attention", "block_sparse_element_mask", "na",
+__all__ = ["attention", "block_sparse_attention", "block_sparse_element_mask", "lowbit", "na",
            "window_attention"]

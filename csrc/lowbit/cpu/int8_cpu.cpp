@@ -1,0 +1,160 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPU adapter of the int8 ops: argument checks, activation quantisation buffers, LLM.int8()
+// outlier columns, kernel dispatch over output-column ranges.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "tilefuse/cpu/isa.h"
+#include "tilefuse/cpu/lowbit.h"
+
+namespace tilefuse {
+namespace {
+
+using cpu::Isa;
+
+bool is_activation_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void quantize_rows(const cpu::Int8QuantParams& p, int64_t rows) {
+  const bool avx2 = cpu::current_isa() == Isa::kAvx2;
+  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+    if (avx2) cpu::avx2::int8_quantize_rows(p, b, e);
+    else cpu::generic::int8_quantize_rows(p, b, e);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tensor& w) {
+  TORCH_CHECK_TYPE(is_activation_dtype(w.scalar_type()) || w.scalar_type() == at::kDouble,
+                   "quantize_int8: w must be a floating tensor (float32, bfloat16, float16, "
+                   "float64), got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 2, "quantize_int8: w must be 2-D [out_features, in_features], got shape ",
+                    w.sizes());
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor wf = w.to(at::kFloat).contiguous();
+  at::Tensor q = at::empty({N, K}, w.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({N}, w.options().dtype(at::kFloat));
+  cpu::Int8QuantParams p;
+  p.x = wf.const_data_ptr<float>();
+  p.K = K;
+  p.ldx = K;
+  p.ldq = K;
+  p.q = q.mutable_data_ptr<int8_t>();
+  p.scale = scale.mutable_data_ptr<float>();
+  quantize_rows(p, N);
+  return {q, scale};
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
+                           const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+                           double threshold) {
+  TORCH_CHECK_TYPE(is_activation_dtype(x.scalar_type()),
+                   "int8_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kChar,
+                   "int8_linear: qweight must be int8 (from quantize_int8), got ",
+                   qweight.scalar_type());
+  TORCH_CHECK_TYPE(weight_scale.scalar_type() == at::kFloat,
+                   "int8_linear: weight_scale must be float32, got ", weight_scale.scalar_type());
+  TORCH_CHECK_VALUE(qweight.dim() == 2, "int8_linear: qweight must be 2-D [N, K], got shape ",
+                    qweight.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "int8_linear: x must have at least 1 dimension");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK_VALUE(x.size(-1) == K, "int8_linear: x.shape[-1] (", x.size(-1),
+                    ") must equal qweight in_features (", K, ")");
+  TORCH_CHECK_VALUE(weight_scale.dim() == 1 && weight_scale.size(0) == N,
+                    "int8_linear: weight_scale must have shape [", N, "], got ", weight_scale.sizes());
+  TORCH_CHECK_VALUE(K <= cpu::kInt8MaxK, "int8_linear: in_features ", K, " exceeds ",
+                    cpu::kInt8MaxK, " (int32 accumulators could overflow)");
+  TORCH_CHECK_VALUE(std::isfinite(threshold) && threshold >= 0.0,
+                    "int8_linear: threshold must be finite and >= 0, got ", threshold);
+  if (bias.has_value()) {
+    TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
+                     "int8_linear: bias must be a floating tensor, got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "int8_linear: bias must have shape [",
+                      N, "], got ", bias->sizes());
+  }
+  for (const at::Tensor* t : {&x, &qweight, &weight_scale})
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "int8_linear: the CPU kernel got a tensor on ",
+                      t->device());
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor qw = qweight.contiguous();
+  at::Tensor ws = weight_scale.contiguous();
+  at::Tensor b32;
+  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+
+  const int64_t lda = round_up(std::max<int64_t>(K, 1), cpu::kInt8KPad);
+  at::Tensor aq = at::empty({M, lda}, x2.options().dtype(at::kChar));
+  at::Tensor ascale = at::empty({M}, x2.options());
+
+  // LLM.int8(): columns with any |x| >= threshold leave the int8 product; their contribution
+  // x_o . q_o^T (weights dequantised from int8, as bitsandbytes) is added in the epilogue.
+  // Few outlier products are added by the kernel epilogue from the weight rows it streams;
+  // many go through one fp32 GEMM on the gathered columns.
+  at::Tensor mask, extra, cols, xo;
+  if (threshold > 0.0 && M > 0) {
+    mask = (x2.abs() >= threshold).any(0);
+    cols = mask.nonzero().view(-1).contiguous();
+    if (cols.numel() > 0) {
+      xo = x2.index_select(1, cols).contiguous();
+      if (M * cols.numel() > 256) {
+        at::Tensor wo = qw.index_select(1, cols).to(at::kFloat);
+        extra = at::mm(xo, wo.t()).contiguous();
+        xo = at::Tensor();
+      }
+    }
+    mask = mask.to(at::kByte).contiguous();
+  }
+  cpu::Int8QuantParams qp;
+  qp.x = x2.const_data_ptr<float>();
+  qp.K = K;
+  qp.ldx = K;
+  qp.ldq = lda;
+  qp.threshold = static_cast<float>(threshold);
+  qp.col_mask = mask.defined() ? mask.const_data_ptr<uint8_t>() : nullptr;
+  qp.q = aq.mutable_data_ptr<int8_t>();
+  qp.scale = ascale.mutable_data_ptr<float>();
+  quantize_rows(qp, M);
+
+  at::Tensor out = at::empty({M, N}, x2.options());
+  cpu::Int8GemmParams p;
+  p.a = aq.const_data_ptr<int8_t>();
+  p.a_scale = ascale.const_data_ptr<float>();
+  p.w = qw.const_data_ptr<int8_t>();
+  p.w_scale = ws.const_data_ptr<float>();
+  p.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
+  p.extra = extra.defined() ? extra.const_data_ptr<float>() : nullptr;
+  if (xo.defined()) {
+    p.out_cols = cols.const_data_ptr<int64_t>();
+    p.x_out = xo.const_data_ptr<float>();
+    p.n_out = cols.numel();
+  }
+  p.out = out.mutable_data_ptr<float>();
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.lda = lda;
+  constexpr int64_t kTask = 48;  // output columns per task, a multiple of the tile widths
+  const bool avx2 = cpu::current_isa() == Isa::kAvx2;
+  at::parallel_for(0, ceil_div(N, kTask), 1, [&](int64_t b, int64_t e) {
+    const int64_t n0 = b * kTask, n1 = std::min(N, e * kTask);
+    if (avx2) cpu::avx2::int8_gemm(p, n0, n1);
+    else cpu::generic::int8_gemm(p, n0, n1);
+  });
+  return out.to(x.scalar_type()).view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tilefuse, CPU, m) {
+  m.impl("quantize_int8", &quantize_int8_cpu);
+  m.impl("int8_linear", &int8_linear_cpu);
+}
+
+}  // namespace tilefuse
