@@ -74,10 +74,19 @@ def minilm_section(lines, rows_out):
     t1 = timeit(lambda: embed(batch), max_reps=5)
     rows = [["original (HF sdpa attention)", f"{t0*1e3:.1f}", "1.00", "-"],
             ["tilefuse attention", f"{t1*1e3:.1f}", f"{t0/t1:.2f}", f"{cos:.7f}"]]
+    rows_out += [("MiniLM original", t0), ("MiniLM tilefuse attention", t1)]
+    for fmt in ("int8", "llm.int8", "nf4"):
+        step(f"tilefuse attention + {fmt} linears")
+        model = transformers.AutoModel.from_pretrained(path).eval()
+        tilefuse.convert(model, linear=fmt)
+        c = F.cosine_similarity(before, embed(quality)).min().item()
+        t = timeit(lambda: embed(batch), max_reps=5)
+        rows.append([f"tilefuse attention + {fmt} linears", f"{t*1e3:.1f}", f"{t0/t:.2f}",
+                     f"{c:.5f}"])
+        rows_out.append((f"MiniLM + {fmt}", t))
     lines += ["## all-MiniLM-L6-v2, batch 32 x 128 tokens, fp32\n",
               markdown_table(["model", "ms / batch", "speedup", "min cosine vs original"], rows),
               ""]
-    rows_out += [("MiniLM original", t0), ("MiniLM tilefuse", t1)]
 
 
 def attention_section(lines, rows_out):
