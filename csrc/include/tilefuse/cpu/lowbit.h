@@ -64,7 +64,8 @@ struct Fourbit {
 
   /// Scale of block b (fp32 arithmetic identical to bitsandbytes' dequantize_blockwise).
   TF_HD float scale(index_t b) const {
-    if (qabsmax != nullptr) return lowbit::mul_add_rn(code2[qabsmax[b]], absmax2[b / block2], offset);
+    if (qabsmax != nullptr)
+      return lowbit::mul_add_rn(code2[qabsmax[b]], absmax2[b / block2], offset);
     return absmax[b];
   }
 };

@@ -114,7 +114,8 @@ void quantize_blockwise8(const float* x, index_t n, index_t block, const float* 
     }
     absmax[b] = amax;
     const float inv = amax > 0.0f ? 1.0f / amax : 0.0f;
-    for (index_t e = e0; e < e1; ++e) q[e] = static_cast<uint8_t>(lowbit::dynamic8_quantize(code, x[e] * inv));
+    for (index_t e = e0; e < e1; ++e)
+      q[e] = static_cast<uint8_t>(lowbit::dynamic8_quantize(code, x[e] * inv));
   }
 }
 
