@@ -222,3 +222,10 @@ def test_bad_inputs():
         tilefuse.dequantize_int8(q.to(torch.int16), s)
     with pytest.raises(ValueError, match="scale must have shape"):
         tilefuse.dequantize_int8(q, s[:3])
+
+
+def test_empty_batch_and_strided_input(cpu_isa):
+    q, s = tilefuse.quantize_int8(torch.randn(8, 64))
+    assert tilefuse.int8_linear(torch.randn(0, 64), q, s, None, 2.0).shape == (0, 8)
+    x = torch.randn(64, 5).t()
+    assert torch.equal(tilefuse.int8_linear(x, q, s), tilefuse.int8_linear(x.contiguous(), q, s))
