@@ -66,6 +66,8 @@ cpu::Fourbit parse_state(const char* op, const at::Tensor& packed, const at::Ten
                      absmax.scalar_type());
     check_block_size(op, "nested_block_size", nested_block);
     w.block2 = nested_block;
+    w.block2_shift = 0;
+    while ((int64_t(1) << w.block2_shift) < nested_block) ++w.block2_shift;
     TORCH_CHECK_TYPE(nested_absmax->scalar_type() == at::kFloat, op,
                      ": nested_absmax must be float32, got ", nested_absmax->scalar_type());
     TORCH_CHECK_VALUE(nested_absmax->numel() == ceil_div(nblocks, nested_block), op,
