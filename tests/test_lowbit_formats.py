@@ -170,7 +170,8 @@ def test_fp4_matches_bitsandbytes_up_to_documented_thresholds(cpu_isa):
     # bitsandbytes dequantises our packing like we do.
     bs_ours = bnbF.QuantState(absmax=state.absmax, shape=w.shape, dtype=w.dtype, blocksize=64,
                               code=bs.code, quant_type="fp4")
-    assert torch.equal(bnbF.dequantize_4bit(packed, bs_ours), tilefuse.dequantize_4bit(packed, state))
+    assert torch.equal(bnbF.dequantize_4bit(packed, bs_ours),
+                       tilefuse.dequantize_4bit(packed, state))
 
 
 @needs_bnb
@@ -201,7 +202,8 @@ def test_quant_state_dict_round_trip():
     for fmt, dq in [("nf4", True), ("fp4", False), ("int4", True), ("e2m1", False)]:
         packed, st = tilefuse.quantize_4bit(w, fmt, 32, double_quant=dq)
         st2 = tilefuse.QuantState.from_dict(st.as_dict())
-        assert torch.equal(tilefuse.dequantize_4bit(packed, st2), tilefuse.dequantize_4bit(packed, st))
+        assert torch.equal(tilefuse.dequantize_4bit(packed, st2),
+                           tilefuse.dequantize_4bit(packed, st))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

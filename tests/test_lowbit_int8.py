@@ -222,3 +222,44 @@ def test_bad_inputs():
         tilefuse.dequantize_int8(q.to(torch.int16), s)
     with pytest.raises(ValueError, match="scale must have shape"):
         tilefuse.dequantize_int8(q, s[:3])
+
+
+def test_empty_batch_and_strided_input(cpu_isa):
+    q, s = tilefuse.quantize_int8(torch.randn(8, 64))
+    assert tilefuse.int8_linear(torch.randn(0, 64), q, s, None, 2.0).shape == (0, 8)
+    x = torch.randn(64, 5).t()
+    assert torch.equal(tilefuse.int8_linear(x, q, s), tilefuse.int8_linear(x.contiguous(), q, s))
+
+
+try:
+    import warnings as _w
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")
+        import bitsandbytes as bnb
+except Exception:  # noqa: BLE001 - optional cross-check
+    bnb = None
+
+
+@pytest.mark.skipif(bnb is None, reason="bitsandbytes not installed (optional)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_quantize_int8_matches_bitsandbytes(dtype, cpu_isa):
+    w = torch.randn(48, 256).to(dtype)
+    q, s = tilefuse.quantize_int8(w)
+    cb, scb, _ = bnb.functional.int8_vectorwise_quant(w)
+    assert torch.equal(q, cb) and torch.equal(scb, w.float().abs().amax(1))
+    assert torch.equal(s, scb / 127.0)
+
+
+@pytest.mark.skipif(bnb is None, reason="bitsandbytes not installed (optional)")
+def test_loads_bitsandbytes_linear8bitlt_state():
+    lin = torch.nn.Linear(64, 16)
+    b = bnb.nn.Linear8bitLt(64, 16, has_fp16_weights=False, threshold=0.0)
+    b.load_state_dict(lin.state_dict())
+    sd = b.to("cpu").state_dict()
+    m = tilefuse.nn.Int8Linear(64, 16)
+    m.load_state_dict(sd)
+    assert torch.equal(m.weight, sd["weight"]) and torch.equal(m.SCB, sd["SCB"])
+    x = torch.randn(3, 64)
+    w = sd["weight"].double() * (sd["SCB"].double() / 127)[:, None]
+    assert torch.allclose(m(x).double(), x.double() @ w.t() + sd["bias"].double(), rtol=0.05,
+                          atol=0.05)

@@ -136,3 +136,11 @@ def test_bad_inputs():
         tilefuse.linear_4bit(x, packed, dataclasses.replace(st, shape=torch.Size([9, 64])))
     with pytest.raises(ValueError, match="2-D"):
         tilefuse.linear_4bit(x, packed, dataclasses.replace(st, shape=torch.Size([8, 8, 8])))
+
+
+def test_empty_batch_and_strided_input(cpu_isa):
+    packed, st = tilefuse.quantize_4bit(torch.randn(8, 64), "nf4", 32)
+    assert tilefuse.linear_4bit(torch.randn(2, 0, 64), packed, st).shape == (2, 0, 8)
+    x = torch.randn(64, 5).t()  # non-contiguous rows
+    assert torch.equal(tilefuse.linear_4bit(x, packed, st),
+                       tilefuse.linear_4bit(x.contiguous(), packed, st))

@@ -154,7 +154,8 @@ class QuantState:
         under ``weight.``, prefix removed)."""
         keys = [k for k in d if k.startswith("quant_state.")]
         if len(keys) != 1:
-            raise ValueError(f"QuantState.from_dict: expected one 'quant_state.*' entry, got {keys}")
+            raise ValueError(
+                f"QuantState.from_dict: expected one 'quant_state.*' entry, got {keys}")
         meta = json.loads(bytes(d[keys[0]].to(torch.uint8).cpu().tolist()).decode("utf-8"))
         fmt = meta["quant_type"]
         if fmt not in FORMATS_4BIT:

@@ -66,6 +66,8 @@ cpu::Fourbit parse_state(const char* op, const at::Tensor& packed, const at::Ten
                      absmax.scalar_type());
     check_block_size(op, "nested_block_size", nested_block);
     w.block2 = nested_block;
+    w.block2_shift = 0;
+    while ((int64_t(1) << w.block2_shift) < nested_block) ++w.block2_shift;
     TORCH_CHECK_TYPE(nested_absmax->scalar_type() == at::kFloat, op,
                      ": nested_absmax must be float32, got ", nested_absmax->scalar_type());
     TORCH_CHECK_VALUE(nested_absmax->numel() == ceil_div(nblocks, nested_block), op,
@@ -138,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
                    "quantize_blockwise_8bit: x must be a floating tensor, got ", x.scalar_type());
   TORCH_CHECK_TYPE(code.scalar_type() == at::kFloat,
                    "quantize_blockwise_8bit: code must be float32, got ", code.scalar_type());
-  TORCH_CHECK_VALUE(code.numel() == 256, "quantize_blockwise_8bit: code must have 256 entries, got ",
-                    code.numel());
+  TORCH_CHECK_VALUE(code.numel() == 256,
+                    "quantize_blockwise_8bit: code must have 256 entries, got ", code.numel());
   at::Tensor xf = x.to(at::kFloat).contiguous().view(-1);
   at::Tensor c = code.contiguous();
   const int64_t n = xf.numel(), nblocks = ceil_div(n, block);
@@ -199,15 +201,16 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   if (bias.has_value()) {
     TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
                      "linear_4bit: bias must be a floating tensor, got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.N, "linear_4bit: bias must have shape [",
-                      w.N, "], got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.N,
+                      "linear_4bit: bias must have shape [", w.N, "], got ", bias->sizes());
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = w.N;
   if (xt == at::kDouble) {
     // float64 exists for gradcheck: the dequantised fp32 weights are exact in double.
     at::Tensor wd = dequantize_4bit_cpu(packed, absmax, zero, nested_absmax, nested_code,
-                                        nested_offset, fmt, block, nested_block, shape, at::kDouble);
+                                        nested_offset, fmt, block, nested_block, shape,
+                                        at::kDouble);
     at::Tensor y = at::matmul(x, wd.t());
     if (bias.has_value()) y = y + bias->to(at::kDouble);
     return y;

@@ -31,7 +31,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tensor& w) {
   TORCH_CHECK_TYPE(is_activation_dtype(w.scalar_type()) || w.scalar_type() == at::kDouble,
                    "quantize_int8: w must be a floating tensor (float32, bfloat16, float16, "
                    "float64), got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() == 2, "quantize_int8: w must be 2-D [out_features, in_features], got shape ",
+  TORCH_CHECK_VALUE(w.dim() == 2,
+                    "quantize_int8: w must be 2-D [out_features, in_features], got shape ",
                     w.sizes());
   const int64_t N = w.size(0), K = w.size(1);
   at::Tensor wf = w.to(at::kFloat).contiguous();
@@ -65,7 +66,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
   TORCH_CHECK_VALUE(x.size(-1) == K, "int8_linear: x.shape[-1] (", x.size(-1),
                     ") must equal qweight in_features (", K, ")");
   TORCH_CHECK_VALUE(weight_scale.dim() == 1 && weight_scale.size(0) == N,
-                    "int8_linear: weight_scale must have shape [", N, "], got ", weight_scale.sizes());
+                    "int8_linear: weight_scale must have shape [", N, "], got ",
+                    weight_scale.sizes());
   TORCH_CHECK_VALUE(K <= cpu::kInt8MaxK, "int8_linear: in_features ", K, " exceeds ",
                     cpu::kInt8MaxK, " (int32 accumulators could overflow)");
   TORCH_CHECK_VALUE(std::isfinite(threshold) && threshold >= 0.0,

@@ -84,9 +84,13 @@ class Int8Linear(_QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 0.0) -> "Int8Linear":
         """Quantises ``linear.weight`` (per output channel, symmetric int8); copies the bias."""
-        m = cls(linear.in_features, linear.out_features, bias=False, threshold=threshold,
-                device=linear.weight.device)
+        m = cls.__new__(cls)  # skip __init__'s random weight
+        _QuantizedLinear.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.threshold = float(threshold)
         m._set_weight(linear.weight.detach())
+        m.register_buffer("weight_format",
+                          torch.zeros((), dtype=torch.uint8, device=linear.weight.device))
         m._init_bias(linear.bias, linear.out_features, linear.weight.device,
                      linear.bias.dtype if linear.bias is not None else None)
         return m

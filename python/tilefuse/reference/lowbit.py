@@ -53,7 +53,8 @@ def code_table(fmt: str, dtype=torch.float32) -> torch.Tensor:
     return torch.tensor(tables[fmt], dtype=torch.float32).to(dtype)
 
 
-def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
+                total_bits: int = 8) -> torch.Tensor:
     """bitsandbytes' 8-bit dynamic-exponent code (Dettmers 2015), used to double-quantise absmax.
 
     Built the way its definition does it (float32 linspace and midpoints, scaled by decades),

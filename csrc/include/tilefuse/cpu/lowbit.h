@@ -60,11 +60,13 @@ struct Fourbit {
   const float* code2 = nullptr;
   float offset = 0.0f;
   index_t block2 = 256;
+  int block2_shift = 8;  ///< log2(block2): a shift, not a division, per block in the kernels
   const uint8_t* zero = nullptr;  ///< int4 zero points [blocks]
 
   /// Scale of block b (fp32 arithmetic identical to bitsandbytes' dequantize_blockwise).
   TF_HD float scale(index_t b) const {
-    if (qabsmax != nullptr) return lowbit::mul_add_rn(code2[qabsmax[b]], absmax2[b / block2], offset);
+    if (qabsmax != nullptr)
+      return lowbit::mul_add_rn(code2[qabsmax[b]], absmax2[b >> block2_shift], offset);
     return absmax[b];
   }
 };

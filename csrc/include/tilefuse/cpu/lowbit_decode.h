@@ -73,8 +73,10 @@ struct Planes {
     }
     alignas(32) uint8_t bytes[4][32];
     for (int c = 0; c < 16; ++c)
-      for (int k = 0; k < 4; ++k) bytes[k][c] = bytes[k][c + 16] = static_cast<uint8_t>(bits[c] >> (8 * k));
-    for (int k = 0; k < 4; ++k) p[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[k]));
+      for (int k = 0; k < 4; ++k)
+        bytes[k][c] = bytes[k][c + 16] = static_cast<uint8_t>(bits[c] >> (8 * k));
+    for (int k = 0; k < 4; ++k)
+      p[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[k]));
   }
 };
 
@@ -90,7 +92,8 @@ inline Decoded decode32(const Planes& t, const uint8_t* src) {
     (void)t;
     const __m256i lo = _mm256_set1_epi32(15);
     const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8)));
+    const __m256i b1 =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8)));
     Decoded d;
     d.f[0] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
     d.f[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, lo));
@@ -98,10 +101,12 @@ inline Decoded decode32(const Planes& t, const uint8_t* src) {
     d.f[3] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, lo));
     return d;
   }
-  const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m256i raw =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
   // Low lane: high nibbles (shift the 32-bit words by 4); high lane: low nibbles.
-  const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
-                                       _mm256_set1_epi8(0x0f));
+  const __m256i idx =
+      _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
+                       _mm256_set1_epi8(0x0f));
   const __m256i b2 = _mm256_shuffle_epi8(t.p[2], idx), b3 = _mm256_shuffle_epi8(t.p[3], idx);
   const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
   __m256i l01, h01;

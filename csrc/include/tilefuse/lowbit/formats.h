@@ -156,14 +156,11 @@ TF_HD int e2m1_block_exponent(float amax) {
 
 /// \brief 2^e as a float for e in [-127, 127] (2^-127 is a subnormal, still exact).
 TF_HD float exp2_int(int e) {
-  if (e >= -126) {
-    union {
-      uint32_t u;
-      float f;
-    } v{uint32_t(e + 127) << 23};
-    return v.f;
-  }
-  return exp2_int(e + 64) * 5.421010862427522e-20f;  // 2^-64
+  union {
+    uint32_t u;
+    float f;
+  } v{e >= -126 ? uint32_t(e + 127) << 23 : uint32_t(1) << (e + 149)};
+  return v.f;
 }
 
 /// \brief bitsandbytes' 8-bit blockwise code search (dQuantize<0>): a 7-step binary search

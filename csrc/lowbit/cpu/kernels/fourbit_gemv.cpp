@@ -66,11 +66,13 @@ void gemv_row(const Linear4bitParams& p, const Planes& t, index_t n, index_t m0,
       cur = b;
     }
     // Rows are consecutive in memory, so this also runs ahead into the next rows.
-    if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + (k >> 1)) + 1024, _MM_HINT_T0);
+    if ((k & 127) == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(src + (k >> 1)) + 1024, _MM_HINT_T0);
     const Decoded d = decode32<NP>(t, src + (k >> 1));
     for (int i = 0; i < MR; ++i) {
       for (int j = 0; j < 4; ++j)
-        acc[i][j % NA] = _mm256_fmadd_ps(d.f[j], _mm256_loadu_ps(xr[i] + k + 8 * j), acc[i][j % NA]);
+        acc[i][j % NA] =
+            _mm256_fmadd_ps(d.f[j], _mm256_loadu_ps(xr[i] + k + 8 * j), acc[i][j % NA]);
       if (int4) xseg[i] += xr[i][p.Kp + (k >> 5)];
     }
   }

@@ -34,7 +34,8 @@ void decode_row(const Fourbit& w, index_t n, index_t k0, index_t kc, float* dst,
       const index_t f = base + k, b = f >> lb;
       const float s = w.scale(b);
       const float c = int4 ? -static_cast<float>(w.zero[b]) * s : 0.0f;
-      decode32_store(t, w.packed + (f >> 1), _mm256_set1_ps(s * t.mult), _mm256_set1_ps(c), dst + k);
+      decode32_store(t, w.packed + (f >> 1), _mm256_set1_ps(s * t.mult), _mm256_set1_ps(c),
+                     dst + k);
     }
     return;
   }
@@ -96,7 +97,8 @@ void transpose_panel(const float* wrow, index_t kcp, float* wt) {
       }
       for (int q = 0; q < 4; ++q) {
         _mm256_store_ps(wt + (k + q) * kTileN + jb, _mm256_permute2f128_ps(u[q], u[q + 4], 0x20));
-        _mm256_store_ps(wt + (k + q + 4) * kTileN + jb, _mm256_permute2f128_ps(u[q], u[q + 4], 0x31));
+        _mm256_store_ps(wt + (k + q + 4) * kTileN + jb,
+                        _mm256_permute2f128_ps(u[q], u[q + 4], 0x31));
       }
     }
   }
@@ -154,7 +156,8 @@ void linear_4bit(const Linear4bitParams& p, index_t n_begin, index_t n_end) {
       ldc = kTileN;
     }
     for (index_t m = 0; m < p.M; ++m)
-      for (index_t j = 0; j < kTileN; ++j) c[m * ldc + j] = p.bias && j < nb ? p.bias[n0 + j] : 0.0f;
+      for (index_t j = 0; j < kTileN; ++j)
+        c[m * ldc + j] = p.bias && j < nb ? p.bias[n0 + j] : 0.0f;
     for (index_t k0 = 0; k0 < w.K; k0 += kChunkK) {
       const index_t kc = imin(kChunkK, w.K - k0), kcp = round_up(kc, 8);
       for (index_t j = 0; j < nb; ++j) decode_row(w, n0 + j, k0, kc, wrow + j * kChunkK, lb, pl);

@@ -60,19 +60,33 @@ void tile(const Int8GemmParams& p, index_t m0, index_t n0) {
   for (int i = 0; i < MR; ++i) ar[i] = p.a + (m0 + i) * p.lda;
   for (int j = 0; j < NR; ++j) wr[j] = p.w + (n0 + j) * K;
   for (index_t k = 0; k < Kmain; k += 32) {
-    __m256i wv[NR], uw[NR];
-#pragma GCC unroll 16
-    for (int j = 0; j < NR; ++j) {
-      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
-      uw[j] = _mm256_abs_epi8(wv[j]);
-    }
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar[i] + k));
+    if constexpr (MR == 1) {
+      // GEMV: |a| once, the sign of a moved onto each weight vector (4 instead of 5 ops per
+      // 32 products), and the weight stream prefetched ahead.
+      const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar[0] + k));
+      const __m256i ua = _mm256_abs_epi8(av);
 #pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) {
-        const __m256i prod16 = _mm256_maddubs_epi16(uw[j], _mm256_sign_epi8(av, wv[j]));
-        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(prod16, ones));
+        _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k) + 512, _MM_HINT_T0);
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
+        const __m256i prod16 = _mm256_maddubs_epi16(ua, _mm256_sign_epi8(wv, av));
+        acc[0][j] = _mm256_add_epi32(acc[0][j], _mm256_madd_epi16(prod16, ones));
+      }
+    } else {
+      __m256i wv[NR], uw[NR];
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) {
+        wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
+        uw[j] = _mm256_abs_epi8(wv[j]);
+      }
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar[i] + k));
+#pragma GCC unroll 16
+        for (int j = 0; j < NR; ++j) {
+          const __m256i prod16 = _mm256_maddubs_epi16(uw[j], _mm256_sign_epi8(av, wv[j]));
+          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(prod16, ones));
+        }
       }
     }
   }

@@ -114,17 +114,20 @@ void quantize_blockwise8(const float* x, index_t n, index_t block, const float* 
     }
     absmax[b] = amax;
     const float inv = amax > 0.0f ? 1.0f / amax : 0.0f;
-    for (index_t e = e0; e < e1; ++e) q[e] = static_cast<uint8_t>(lowbit::dynamic8_quantize(code, x[e] * inv));
+    for (index_t e = e0; e < e1; ++e)
+      q[e] = static_cast<uint8_t>(lowbit::dynamic8_quantize(code, x[e] * inv));
   }
 }
 
 void dequantize_4bit(const Fourbit& w, float* out, index_t e_begin, index_t e_end) {
   float tab[16];
   for (int c = 0; c < 16; ++c) tab[c] = lowbit::code4_value(w.fmt, c);
+  int lb = 0;  // block sizes are powers of two (checked by the adapter)
+  while ((index_t(1) << lb) < w.block) ++lb;
   index_t cur = -1;
   float s = 0.0f, z = 0.0f;
   for (index_t e = e_begin; e < e_end; ++e) {
-    const index_t b = e / w.block;
+    const index_t b = e >> lb;
     if (b != cur) {
       cur = b;
       s = w.scale(b);
