@@ -12,8 +12,9 @@ NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90a
 CUTLASS_INCLUDE ?= $(shell $(PY) -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'))" 2>/dev/null)
 PYTEST_ARGS ?=
+BENCHES := attention block_sparse lowbit neighborhood
 
-.PHONY: all venv extras build test demo bench cuda-check clean
+.PHONY: all venv extras build test demo bench $(addprefix bench-,$(BENCHES)) cuda-check clean
 
 all: build
 
@@ -45,8 +46,10 @@ test: build extras
 demo: build extras
 	$(PY) bench/demo.py
 
-bench: build extras
-	$(PY) bench/bench_attention.py
+bench: $(addprefix bench-,$(BENCHES))
+
+bench-%: build extras
+	$(PY) bench/bench_$(subst -,_,$*).py
 
 # Compile every CUDA source for sm_80 and sm_90a without linking (no GPU needed).
 cuda-check: venv
