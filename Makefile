@@ -48,7 +48,7 @@ demo: build extras
 
 bench: $(addprefix bench-,$(BENCHES))
 
-bench-%: build extras
+$(addprefix bench-,$(BENCHES)): bench-%: build extras
 	$(PY) bench/bench_$(subst -,_,$*).py
 
 # Compile every CUDA source for sm_80 and sm_90a without linking (no GPU needed).
