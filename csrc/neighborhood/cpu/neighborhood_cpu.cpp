@@ -163,7 +163,8 @@ WinShapes check_na(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   if (rpb.has_value()) {
     std::vector<int64_t> want{s.H};
     for (int64_t i = 0; i < R; ++i) want.push_back(2 * kernel[i] - 1);
-    TORCH_CHECK_VALUE(rpb->sizes() == at::IntArrayRef(want), s.op, ": rpb must have shape ", want,
+    TORCH_CHECK_VALUE(rpb->sizes() == at::IntArrayRef(want), s.op, ": rpb must have shape ",
+                      at::IntArrayRef(want),
                       " ([heads, 2k-1, ...]), got ", rpb->sizes());
     TORCH_CHECK_TYPE(rpb->scalar_type() == q.scalar_type(), s.op,
                      ": rpb must have the dtype of q (", q.scalar_type(), "), got ",
@@ -236,7 +237,7 @@ at::Tensor from_tokens(const WinShapes& s, const at::Tensor& t, at::IntArrayRef 
   bn.insert(bn.end(), tail.begin(), tail.end());
   at::Tensor x = t.reshape(bn);
   if (s.G > 1) x = at::empty_like(x).index_copy_(1, s.perm, x);
-  return x.reshape(shape);
+  return x.reshape(shape).contiguous();
 }
 
 template <class T>
@@ -298,10 +299,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const WinShapes& s, const at::Tensor
   AttentionParams<T> p = window_params<T>(s);
   std::vector<at::Tensor> keep;
   p.q = make_operand<T>(to_tokens(s, q), p.Dp, false, keep);
-  const Operand<T> k_op = make_operand<T>(to_tokens(s, k), p.Dp, false, keep);
-  at::Tensor ktb = transposed(k_op, s.Hkv, p.Tk, s.D, q.options());
+  // Key tiles are gathered by rows and transposed inside the kernel (no K^T pass here).
+  p.k = make_operand<T>(to_tokens(s, k), p.Dp, false, keep);
   p.v = make_operand<T>(to_tokens(s, v), p.Dvp, true, keep);
-  p.kt = ktb.const_data_ptr<T>();
   p.scale = static_cast<T>(scale);
   at::Tensor out_t = at::empty({p.Tq, s.H, s.Dv}, q.options().dtype(ct));
   at::Tensor lse_t = at::empty({p.Tq, s.H}, q.options().dtype(ct));
@@ -364,10 +364,8 @@ void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at
   std::vector<at::Tensor> keep;
   p.q = make_operand<T>(to_tokens(s, q), p.Dp, true, keep);
   p.k = make_operand<T>(to_tokens(s, k), p.Dp, true, keep);
-  const Operand<T> v_op = make_operand<T>(to_tokens(s, v), p.Dvp, false, keep);
+  p.v = make_operand<T>(to_tokens(s, v), p.Dvp, false, keep);
   p.dout = make_operand<T>(to_tokens(s, dout), p.Dvp, true, keep);
-  at::Tensor ktb = transposed(p.k, s.Hkv, p.Tk, s.D, q.options());
-  at::Tensor vtb = transposed(v_op, s.Hkv, p.Tk, s.Dv, q.options());
   p.scale = static_cast<T>(scale);
   // Same work split as the dense backward: chunks of key tiles when heads x sequences alone
   // cannot keep the threads busy; one dQ partial per chunk, summed below.
@@ -382,8 +380,6 @@ void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at
   at::Tensor dqb = at::zeros({p.n_kv_chunks, s.H, p.Tq, p.Dp}, opts);
   at::Tensor dkb = at::zeros({s.H, p.Tk, p.Dp}, opts);
   at::Tensor dvb = at::zeros({s.H, p.Tk, p.Dvp}, opts);
-  p.kt = ktb.const_data_ptr<T>();
-  p.vt = vtb.const_data_ptr<T>();
   p.lse_in = lse_c.const_data_ptr<T>();
   p.delta = delta.const_data_ptr<T>();
   p.dq = dqb.mutable_data_ptr<T>();

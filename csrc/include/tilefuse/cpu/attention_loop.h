@@ -52,7 +52,7 @@ template <class T>
 struct FwdScratch {
   std::vector<T> S, O, m, l, alpha;
   // Gathered operands of spatial tiles (unused by contiguous tiles).
-  std::vector<T> Qg, KTg, Vg;
+  std::vector<T> Qg, Kg, KTg, Vg;
   std::vector<index_t> qtok, ktok;
 };
 
@@ -123,7 +123,7 @@ template <class T>
 struct BwdScratch {
   std::vector<T> S, dP, dK, dV;
   // Gathered operands of spatial tiles (unused by contiguous tiles).
-  std::vector<T> Qg, dOg, Kg, KTg, VTg, dQg, lse, delta;
+  std::vector<T> Qg, dOg, Kg, KTg, Vg, VTg, dQg, lse, delta;
   std::vector<index_t> qtok, ktok;
 };
 
@@ -204,6 +204,7 @@ FwdScratch<T> fwd_scratch(const AttentionParams<T>& p, bool gathered) {
   s.alpha.resize(BQ);
   if (gathered) {
     s.Qg.resize(BQ * p.Dp);
+    s.Kg.resize(BK * p.Dp);
     s.KTg.assign(p.D * BK, T(0));
     s.Vg.resize(BK * p.Dvp);
     s.qtok.resize(BQ);
@@ -295,6 +296,7 @@ BwdScratch<T> bwd_scratch(const AttentionParams<T>& p, bool gathered) {
     s.dOg.resize(BQ * p.Dvp);
     s.Kg.resize(BK * p.Dp);
     s.KTg.assign(p.D * BK, T(0));
+    s.Vg.resize(BK * p.Dvp);
     s.VTg.assign(p.Dv * BK, T(0));
     s.dQg.resize(BQ * p.Dp);
     s.qtok.resize(BQ);

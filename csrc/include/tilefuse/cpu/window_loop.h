@@ -2,7 +2,8 @@
 // Driver 2 of the attention main loop: spatial tiles for the window policy (neighborhood
 // attention, Swin windows; tilefuse/attention/window.h). Query tiles are boxes of the token
 // grid, key tiles are boxes of the key union of a query tile; both are gathered into small
-// contiguous buffers (one copy of D floats per token, ~1/64 of the tile's GEMM work) and run
+// contiguous buffers (K^T / V^T transposed there, in L1; one copy of D floats per token,
+// ~1/64 of the tile's GEMM work) and run
 // through the same tile step as the 1-D policies (fwd_step / bwd_step in attention_loop.h).
 // Included by the ISA-tier kernel files only.
 #pragma once
@@ -23,36 +24,44 @@ inline index_t box_tokens(const WindowMask& m, const Box& b, index_t* tok) {
   return n;
 }
 
-/// dst[i * ld + c] = row(tok[i])[c] for c < C, or pad[c] (zeros when pad is null) for tok < 0.
+/// dst[0, n) = src[0, n): inline (these copies are a few dozen floats; a libc call per copy
+/// costs more than the copy).
+template <class T>
+inline void copy_short(T* dst, const T* src, index_t n) {
+  constexpr int W = VecTraits<T>::W;
+  index_t i = 0;
+  for (; i + W <= n; i += W) storev(dst + i, loadv(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+/// dst[i * ld + c] = row(tok[i])[c] for c < C, or pad[c] (zeros when pad is null, and past
+/// padC) for padding tokens (tok < 0).
 template <class T, class Row>
 void gather_rows(const index_t* tok, index_t n, index_t C, const Row& row, const T* pad,
                  index_t padC, T* dst, index_t ld) {
   for (index_t i = 0; i < n; ++i) {
     T* d = dst + i * ld;
     if (tok[i] >= 0) {
-      std::memcpy(d, row(tok[i]), C * sizeof(T));
+      copy_short(d, row(tok[i]), C);
     } else {
       std::fill(d, d + C, T(0));
-      if (pad) std::memcpy(d, pad, padC * sizeof(T));
+      if (pad) copy_short(d, pad, padC);
     }
   }
 }
 
-/// dst[c * ld + i] = src[c * lds + tok[i]] for c < C (a transposed operand), runs of
-/// consecutive tokens copied at once; padding tokens take pad[c].
+/// dst[c * ldd + j] = src[j * lds + c] for j < n, c < C: the transposed copy of gathered rows
+/// (K^T and V^T of a key tile, built in L1 instead of transposing the whole tensor).
 template <class T>
-void gather_cols(const index_t* tok, index_t n, index_t C, const T* src, index_t lds,
-                 const T* pad, T* dst, index_t ld) {
-  for (index_t i = 0; i < n;) {
-    if (tok[i] < 0) {
-      for (index_t c = 0; c < C; ++c) dst[c * ld + i] = pad ? pad[c] : T(0);
-      ++i;
-      continue;
+void transpose_rows(const T* src, index_t lds, index_t n, index_t C, T* dst, index_t ldd) {
+  constexpr index_t JB = 8;
+  for (index_t j0 = 0; j0 < n; j0 += JB) {
+    const index_t jn = imin(JB, n - j0);
+    for (index_t c = 0; c < C; ++c) {
+      T* d = dst + c * ldd + j0;
+      const T* s = src + j0 * lds + c;
+      for (index_t j = 0; j < jn; ++j) d[j] = s[j * lds];
     }
-    index_t len = 1;
-    while (i + len < n && tok[i + len] == tok[i] + len) ++len;
-    for (index_t c = 0; c < C; ++c) std::memcpy(dst + c * ld + i, src + c * lds + tok[i], len * sizeof(T));
-    i += len;
   }
 }
 
@@ -122,7 +131,6 @@ void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
   const index_t qm = box_tokens(m, qb, qtok);
   gather_rows<T>(qtok, qm, p.D, [&](index_t t) { return p.q.at(h, qbeg + t); }, nullptr, 0,
                  s.Qg.data(), p.Dp);
-  const T* KT = p.kt + hk * p.D * p.ldkt + kbeg;
   const T* kpad = x.k_pad ? x.k_pad + hk * p.D : nullptr;
   const T* vpad = x.v_pad ? x.v_pad + hk * p.Dv : nullptr;
   const T* bias = x.bias ? x.bias + h * x.R[0] * x.R[1] * x.R[2] : nullptr;
@@ -131,7 +139,9 @@ void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
   for (index_t t = 0; t < split.count(); ++t) {
     const Box kb = split.piece(t);
     const index_t kn = box_tokens(m, kb, ktok);
-    gather_cols(ktok, kn, p.D, KT, p.ldkt, kpad, s.KTg.data(), BK);
+    gather_rows<T>(ktok, kn, p.D, [&](index_t j) { return p.k.at(hk, kbeg + j); }, kpad, p.D,
+                   s.Kg.data(), p.Dp);
+    transpose_rows(s.Kg.data(), p.Dp, kn, p.D, s.KTg.data(), BK);
     gather_rows<T>(ktok, kn, p.Dvp, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad, p.Dv,
                    s.Vg.data(), p.Dvp);
     const int state = m.tile(qb, kb);
@@ -168,8 +178,6 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
   const WindowMask m = WindowMask::make(args, b);
   const index_t nkt = m.num_key_tiles();
   const index_t kt_begin = chunk * nkt / p.n_kv_chunks, kt_end = (chunk + 1) * nkt / p.n_kv_chunks;
-  const T* KT = p.kt + hk * p.D * p.ldkt + kbeg;
-  const T* VT = p.vt + hk * p.Dv * p.ldvt + kbeg;
   const T* kpad = x.k_pad ? x.k_pad + hk * p.D : nullptr;
   const T* vpad = x.v_pad ? x.v_pad + hk * p.Dv : nullptr;
   const index_t Rn = x.R[0] * x.R[1] * x.R[2];
@@ -188,8 +196,10 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
     const index_t kn = box_tokens(m, kb, ktok);
     gather_rows<T>(ktok, kn, p.Dp, [&](index_t j) { return p.k.at(hk, kbeg + j); }, kpad, p.D,
                    s.Kg.data(), p.Dp);
-    gather_cols(ktok, kn, p.D, KT, p.ldkt, kpad, s.KTg.data(), BK);
-    gather_cols(ktok, kn, p.Dv, VT, p.ldvt, vpad, s.VTg.data(), BK);
+    transpose_rows(s.Kg.data(), p.Dp, kn, p.D, s.KTg.data(), BK);
+    gather_rows<T>(ktok, kn, p.Dv, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad, p.Dv,
+                   s.Vg.data(), p.Dvp);
+    transpose_rows(s.Vg.data(), p.Dvp, kn, p.Dv, s.VTg.data(), BK);
     std::fill(dK, dK + kn * p.Dp, T(0));
     std::fill(dV, dV + kn * p.Dvp, T(0));
     const BoxSplit split = BoxSplit::make(qu, BQ);
