@@ -119,6 +119,29 @@ void window_mask_tile(const WindowMask& m, const Box& qb, const Box& kb, int sta
   for (index_t i = 0; i < qm; ++i) std::fill(S + i * BK + kn, S + i * BK + kn16, kNegInf<T>);
 }
 
+/// The outermost axis along which box b has more than one position (2 if none): tokens of b
+/// with that coordinate in a sub-range form one contiguous run of b's row-major order.
+inline int outer_axis(const Box& b) {
+  for (int ax = 0; ax < 3; ++ax)
+    if (b.extent(ax) > 1) return ax;
+  return 2;
+}
+inline index_t inner_size(const Box& b, int ax) {
+  index_t n = 1;
+  for (int a = ax + 1; a < 3; ++a) n *= b.extent(a);
+  return n;
+}
+/// Slab thickness along the outer axis: about `target` tokens per slab, at most `cap`.
+inline index_t slab_units(index_t per_unit, index_t target, index_t cap) {
+  return imax(1, imin(cap / imax(1, per_unit), (target + per_unit / 2) / imax(1, per_unit)));
+}
+
+/// Keys of a query tile are visited in slabs along the tile's outer axis; each slab is seen
+/// by a contiguous sub-range of the tile's rows (windows are monotone), so the rows that
+/// cannot see it are skipped instead of masked: along that axis the work is exact.
+constexpr index_t kKeySlabTarget = 32;
+constexpr index_t kQuerySlabTarget = 48;
+
 template <class T>
 void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
                      const WindowExtras<T>& x, index_t h, index_t b, index_t qt,
@@ -135,22 +158,72 @@ void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
   const T* vpad = x.v_pad ? x.v_pad + hk * p.Dv : nullptr;
   const T* bias = x.bias ? x.bias + h * x.R[0] * x.R[1] * x.R[2] : nullptr;
   fwd_init(qm, p.Dvp, s);
-  const BoxSplit split = BoxSplit::make(m.key_union(qb), BK);
-  for (index_t t = 0; t < split.count(); ++t) {
-    const Box kb = split.piece(t);
-    const index_t kn = box_tokens(m, kb, ktok);
-    gather_rows<T>(ktok, kn, p.D, [&](index_t j) { return p.k.at(hk, kbeg + j); }, kpad, p.D,
-                   s.Kg.data(), p.Dp);
-    transpose_rows(s.Kg.data(), p.Dp, kn, p.D, s.KTg.data(), BK);
-    gather_rows<T>(ktok, kn, p.Dvp, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad, p.Dv,
-                   s.Vg.data(), p.Dvp);
-    const int state = m.tile(qb, kb);
-    fwd_step(p, s.Qg.data(), p.Dp, qm, s.KTg.data(), BK, s.Vg.data(), p.Dvp, kn, s,
-             [&](T* S, index_t kn_, index_t kn16) {
-               window_mask_tile(m, qb, kb, state, bias, x.R, S, qm, kn_, kn16);
-             });
+  const Box ku = m.key_union(qb);
+  const int ax = outer_axis(qb);
+  const index_t q_inner = inner_size(qb, ax), k_inner = inner_size(ku, ax);
+  index_t g = slab_units(k_inner, kKeySlabTarget, BK);
+  {
+    index_t lo0, hi0, lo1, hi1;  // every row sees the same keys along ax: one slab
+    m.window(ax, qb.lo[ax], lo0, hi0);
+    m.window(ax, qb.hi[ax] - 1, lo1, hi1);
+    if (lo0 == lo1 && hi0 == hi1) g = imax(1, BK / k_inner);
+  }
+  index_t qlo = qb.lo[ax], qhi = qb.lo[ax];
+  for (index_t c = ku.lo[ax]; c < ku.hi[ax]; c += g) {
+    Box slab = ku;
+    slab.lo[ax] = c;
+    slab.hi[ax] = imin(c + g, ku.hi[ax]);
+    // Rows of the tile whose window meets the slab: [qlo, qhi) along ax (both advance).
+    index_t lo, hi;
+    for (;; ++qlo) {
+      m.window(ax, qlo, lo, hi);
+      if (hi > slab.lo[ax]) break;
+    }
+    qhi = imax(qhi, qlo);
+    while (qhi < qb.hi[ax]) {
+      m.window(ax, qhi, lo, hi);
+      if (lo >= slab.hi[ax]) break;
+      ++qhi;
+    }
+    Box qs = qb;
+    qs.lo[ax] = qlo;
+    qs.hi[ax] = qhi;
+    const index_t i0 = (qlo - qb.lo[ax]) * q_inner, qn = (qhi - qlo) * q_inner;
+    const BoxSplit split = BoxSplit::make(slab, BK);
+    for (index_t t = 0; t < split.count(); ++t) {
+      const Box kb = split.piece(t);
+      const index_t kn = box_tokens(m, kb, ktok);
+      gather_rows<T>(ktok, kn, p.D, [&](index_t j) { return p.k.at(hk, kbeg + j); }, kpad, p.D,
+                     s.Kg.data(), p.Dp);
+      transpose_rows(s.Kg.data(), p.Dp, kn, p.D, s.KTg.data(), BK);
+      gather_rows<T>(ktok, kn, p.Dvp, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad,
+                     p.Dv, s.Vg.data(), p.Dvp);
+      const int state = m.tile(qs, kb);
+      fwd_step(p, s.Qg.data() + i0 * p.Dp, p.Dp, i0, qn, s.KTg.data(), BK, s.Vg.data(), p.Dvp,
+               kn, s, [&](T* S, index_t kn_, index_t kn16) {
+                 window_mask_tile(m, qs, kb, state, bias, x.R, S, qn, kn_, kn16);
+               });
+    }
   }
   for (index_t i = 0; i < qm; ++i) fwd_write_row(p, s, i, h, qbeg + qtok[i]);
+}
+
+/// Prefetches, for every head, the rows of the tokens of box b in operand x: one tile is
+/// processed for all heads in a row, and the heads of a token are neighbours in memory
+/// ([B, *spatial, H, D]), so the later heads' gathers then hit the cache.
+template <class T>
+void prefetch_box(const WindowMask& m, const Box& b, const Operand<T>& x, index_t base,
+                  index_t heads, index_t C) {
+  for (index_t c0 = b.lo[0]; c0 < b.hi[0]; ++c0)
+    for (index_t c1 = b.lo[1]; c1 < b.hi[1]; ++c1)
+      for (index_t c2 = b.lo[2]; c2 < b.hi[2]; ++c2) {
+        const index_t t = m.token(c0, c1, c2);
+        if (t < 0) continue;
+        for (index_t h = 0; h < heads; ++h) {
+          const char* r = reinterpret_cast<const char*>(x.at(h, base + t));
+          for (index_t o = 0; o < C * index_t(sizeof(T)); o += 64) __builtin_prefetch(r + o);
+        }
+      }
 }
 
 template <class T>
@@ -161,11 +234,17 @@ void window_fwd(const AttentionParams<T>& p, const WindowMask::Args& args,
     tile_start[b + 1] = tile_start[b] + WindowMask::make(args, b).num_query_tiles();
   const index_t tiles = tile_start[p.B];
   const FwdScratch<T> proto = fwd_scratch(p, true);
-  for_each_item(r, p.H * tiles, proto, [&](index_t it, FwdScratch<T>& s) {
-    const index_t h = it / tiles, t = it % tiles;
+  // An item is one query tile for all heads (see prefetch_box).
+  for_each_item(r, tiles, proto, [&](index_t t, FwdScratch<T>& s) {
     index_t b = 0;
     while (tile_start[b + 1] <= t) ++b;
-    window_fwd_tile(p, args, x, h, b, t - tile_start[b], s);
+    const WindowMask m = WindowMask::make(args, b);
+    const Box qb = m.query_tile(t - tile_start[b]);
+    const Box ku = m.key_union(qb);
+    prefetch_box(m, qb, p.q, p.cu_q[b], p.H, p.D);
+    prefetch_box(m, ku, p.k, p.cu_k[b], p.Hkv, p.D);
+    prefetch_box(m, ku, p.v, p.cu_k[b], p.Hkv, p.Dv);
+    for (index_t h = 0; h < p.H; ++h) window_fwd_tile(p, args, x, h, b, t - tile_start[b], s);
   });
 }
 
