@@ -297,9 +297,10 @@ BwdScratch<T> bwd_scratch(const AttentionParams<T>& p, bool gathered) {
     s.Qg.resize(BQ * p.Dp);
     s.dOg.resize(BQ * p.Dvp);
     s.Kg.resize(BK * p.Dp);
-    s.KTg.assign(p.D * BK, T(0));
+    // +16: a GEMM on a column sub-range [j0, j0 + kn16) may read past the last row's end.
+    s.KTg.assign(p.D * BK + 16, T(0));
     s.Vg.resize(BK * p.Dvp);
-    s.VTg.assign(p.Dv * BK, T(0));
+    s.VTg.assign(p.Dv * BK + 16, T(0));
     s.dQg.resize(BQ * p.Dp);
     s.qtok.resize(BQ);
     s.ktok.resize(BK);

@@ -281,42 +281,67 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
     transpose_rows(s.Vg.data(), p.Dvp, kn, p.Dv, s.VTg.data(), BK);
     std::fill(dK, dK + kn * p.Dp, T(0));
     std::fill(dV, dV + kn * p.Dvp, T(0));
-    const BoxSplit split = BoxSplit::make(qu, BQ);
-    for (index_t t = 0; t < split.count(); ++t) {
-      const Box qb = split.piece(t);
-      const index_t qm = box_tokens(m, qb, qtok);
-      gather_rows<T>(qtok, qm, p.Dp, [&](index_t i) { return p.q.at(h, qbeg + i); }, nullptr, 0,
-                     s.Qg.data(), p.Dp);
-      gather_rows<T>(qtok, qm, p.Dvp, [&](index_t i) { return p.dout.at(h, qbeg + i); }, nullptr,
-                     0, s.dOg.data(), p.Dvp);
-      for (index_t i = 0; i < qm; ++i) {
-        const index_t g = (qbeg + qtok[i]) * p.H + h;
-        const T lse = p.lse_in[g];
-        lse2[i] = lse == kNegInf<T> ? std::numeric_limits<T>::infinity() : lse * T(kLog2ed);
-        delta[i] = p.delta[g];
-      }
-      const int state = m.tile(qb, kb);
-      bwd_step<false>(
-          p, s.Qg.data(), p.Dp, s.dOg.data(), p.Dvp, qm, lse2, delta, s.KTg.data(), BK,
-          s.VTg.data(), BK, s.Kg.data(), p.Dp, kn, dK, dV, s.dQg.data(), p.Dp, s,
-          [&](T* S, index_t kn_, index_t kn16) {
-            window_mask_tile(m, qb, kb, state, bias, x.R, S, qm, kn_, kn16);
-          },
-          [&](const T* dS) {
-            if (!dbias) return;
-            for_each_window_run(m, qb, kb,
-                                [&](index_t i, const index_t* xq, index_t col, index_t a,
-                                    index_t e, index_t c0, index_t c1) {
-                                  if (e <= a) return;
-                                  T* g = dbias + bias_index(m, x.R, xq, c0, c1, kb.lo[2] + a);
-                                  const T* d = dS + i * BK + col;
-                                  for (index_t j = a; j < e; ++j) g[j - a] += d[j];
-                                });
-          });
-      for (index_t i = 0; i < qm; ++i) {
-        T* dst = dQ + qtok[i] * p.Dp;
-        const T* src = s.dQg.data() + i * p.Dp;
-        for (index_t c = 0; c < p.D; ++c) dst[c] += src[c];
+    // Query slabs along the key tile's outer axis; each sees a contiguous sub-range of the
+    // key tile's columns (the mirror image of the forward's key slabs).
+    const int ax = outer_axis(kb);
+    const index_t k_inner = inner_size(kb, ax), q_inner = inner_size(qu, ax);
+    index_t g = slab_units(q_inner, kQuerySlabTarget, BQ);
+    {
+      index_t lo0, hi0, lo1, hi1;
+      m.window(ax, qu.hi[ax] - 1, lo0, hi0);
+      m.window(ax, qu.lo[ax], lo1, hi1);
+      if (lo0 <= kb.lo[ax] && hi1 >= kb.hi[ax]) g = imax(1, BQ / q_inner);  // all see all
+    }
+    for (index_t x0 = qu.lo[ax]; x0 < qu.hi[ax]; x0 += g) {
+      Box slab = qu;
+      slab.lo[ax] = x0;
+      slab.hi[ax] = imin(x0 + g, qu.hi[ax]);
+      index_t wlo, whi, wlo2, whi2;
+      m.window(ax, slab.lo[ax], wlo, whi);
+      m.window(ax, slab.hi[ax] - 1, wlo2, whi2);
+      Box kc = kb;
+      kc.lo[ax] = imax(kb.lo[ax], wlo);
+      kc.hi[ax] = imin(kb.hi[ax], whi2);
+      if (kc.hi[ax] <= kc.lo[ax]) continue;
+      const index_t j0 = (kc.lo[ax] - kb.lo[ax]) * k_inner, kcn = kc.size();
+      const BoxSplit split = BoxSplit::make(slab, BQ);
+      for (index_t t = 0; t < split.count(); ++t) {
+        const Box qb = split.piece(t);
+        const index_t qm = box_tokens(m, qb, qtok);
+        gather_rows<T>(qtok, qm, p.Dp, [&](index_t i) { return p.q.at(h, qbeg + i); }, nullptr,
+                       0, s.Qg.data(), p.Dp);
+        gather_rows<T>(qtok, qm, p.Dvp, [&](index_t i) { return p.dout.at(h, qbeg + i); },
+                       nullptr, 0, s.dOg.data(), p.Dvp);
+        for (index_t i = 0; i < qm; ++i) {
+          const index_t gi = (qbeg + qtok[i]) * p.H + h;
+          const T lse = p.lse_in[gi];
+          lse2[i] = lse == kNegInf<T> ? std::numeric_limits<T>::infinity() : lse * T(kLog2ed);
+          delta[i] = p.delta[gi];
+        }
+        const int state = m.tile(qb, kc);
+        bwd_step<false>(
+            p, s.Qg.data(), p.Dp, s.dOg.data(), p.Dvp, qm, lse2, delta, s.KTg.data() + j0, BK,
+            s.VTg.data() + j0, BK, s.Kg.data() + j0 * p.Dp, p.Dp, kcn, dK + j0 * p.Dp,
+            dV + j0 * p.Dvp, s.dQg.data(), p.Dp, s,
+            [&](T* S, index_t kn_, index_t kn16) {
+              window_mask_tile(m, qb, kc, state, bias, x.R, S, qm, kn_, kn16);
+            },
+            [&](const T* dS) {
+              if (!dbias) return;
+              for_each_window_run(m, qb, kc,
+                                  [&](index_t i, const index_t* xq, index_t col, index_t a,
+                                      index_t e, index_t c0, index_t c1) {
+                                    if (e <= a) return;
+                                    T* gb = dbias + bias_index(m, x.R, xq, c0, c1, kc.lo[2] + a);
+                                    const T* d = dS + i * BK + col;
+                                    for (index_t j = a; j < e; ++j) gb[j - a] += d[j];
+                                  });
+            });
+        for (index_t i = 0; i < qm; ++i) {
+          T* dst = dQ + qtok[i] * p.Dp;
+          const T* src = s.dQg.data() + i * p.Dp;
+          for (index_t c = 0; c < p.D; ++c) dst[c] += src[c];
+        }
       }
     }
     for (index_t c = 0; c < kn; ++c) {
