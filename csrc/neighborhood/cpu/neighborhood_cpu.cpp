@@ -175,6 +175,13 @@ WinShapes check_na(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     TORCH_CHECK_VALUE(rpb->device() == q.device(), s.op, ": rpb must be on the device of q");
   }
   default_tiles(s.args, R);
+  bool blocked = true;
+  for (int a = 0; a < 3; ++a) blocked = blocked && s.args.stride[a] == s.args.kernel[a];
+  if (blocked) {  // disjoint windows, like Swin: one window per query tile where it fits
+    for (int a = 0; a < 3; ++a) s.args.window[a] = s.args.kernel[a];
+    window_tiles(s.args, s.args.q_tile, cpu::kAttnTileQ);
+    window_tiles(s.args, s.args.k_tile, cpu::kAttnTileK);
+  }
   make_sequences(s);
   return s;
 }
