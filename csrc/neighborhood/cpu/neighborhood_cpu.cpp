@@ -87,7 +87,7 @@ void check_rank_list(const WinShapes& s, size_t n, const char* name, int64_t R) 
 void default_tiles(WindowMask::Args& a, int64_t R) {
   static const int64_t q1[3] = {1, 1, 64}, k1[3] = {1, 1, 128};
   static const int64_t q2[3] = {1, 16, 4}, k2[3] = {1, 16, 8};
-  static const int64_t q3[3] = {4, 4, 4}, k3[3] = {4, 4, 8};
+  static const int64_t q3[3] = {1, 16, 4}, k3[3] = {1, 16, 8};
   const int64_t* q = R == 1 ? q1 : R == 2 ? q2 : q3;
   const int64_t* k = R == 1 ? k1 : R == 2 ? k2 : k3;
   for (int a3 = 0; a3 < 3; ++a3) {

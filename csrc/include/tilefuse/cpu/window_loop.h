@@ -119,6 +119,75 @@ void window_mask_tile(const WindowMask& m, const Box& qb, const Box& kb, int sta
   for (index_t i = 0; i < qm; ++i) std::fill(S + i * BK + kn, S + i * BK + kn16, kNegInf<T>);
 }
 
+
+/// Geometry of a tile pair that fixes its bias tile when the pair is full: the extents of both
+/// boxes and their offset (bias depends on key - query only).
+inline void tile_key(const Box& qb, const Box& kb, index_t* key) {
+  for (int a = 0; a < 3; ++a) {
+    key[a] = qb.extent(a);
+    key[3 + a] = kb.extent(a);
+    key[6 + a] = kb.lo[a] - qb.lo[a];
+  }
+}
+inline bool same_key(const index_t* a, const index_t* b) {
+  for (int i = 0; i < 9; ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+/// The bias of a full tile pair as a dense [qm, BK] tile (blocked and Swin windows repeat the
+/// same geometry across the whole grid, so it is built once per head and reused).
+template <class T>
+void build_bias_tile(const WindowMask& m, const Box& qb, const Box& kb, const T* bias,
+                     const index_t* R, T* tile, index_t qm) {
+  std::fill(tile, tile + qm * BK, T(0));
+  for_each_window_run(m, qb, kb,
+                      [&](index_t i, const index_t* x, index_t col, index_t a, index_t e,
+                          index_t c0, index_t c1) {
+                        if (e <= a) return;
+                        const T* bp = bias + bias_index(m, R, x, c0, c1, kb.lo[2] + a);
+                        T* row = tile + i * BK + col;
+                        for (index_t j = a; j < e; ++j) row[j] = bp[j - a];
+                      });
+}
+
+/// S += tile over [qm, kn16) (vectorised).
+template <class T>
+void add_tile(T* S, const T* tile, index_t qm, index_t kn16) {
+  constexpr int W = VecTraits<T>::W;
+  for (index_t i = 0; i < qm; ++i)
+    for (index_t j = 0; j < kn16; j += W)
+      storev(S + i * BK + j, loadv(S + i * BK + j) + loadv(tile + i * BK + j));
+}
+
+/// window_mask_tile, with the bias of full tiles taken from a per-head cache.
+template <class T, class Scratch>
+void window_mask_tile_cached(const WindowMask& m, const Box& qb, const Box& kb, int state,
+                             const T* bias, const index_t* R, T* S, index_t qm, index_t kn,
+                             index_t kn16, index_t h, index_t H, Scratch& s) {
+  if (!bias || state != kTileFull) {
+    window_mask_tile(m, qb, kb, state, bias, R, S, qm, kn, kn16);
+    return;
+  }
+  index_t key[9];
+  tile_key(qb, kb, key);
+  if (s.bias_valid.empty()) {
+    s.bias_valid.assign(H, 0);
+    s.bias_tiles.resize(H * BQ * BK);
+  }
+  if (!same_key(key, s.bias_key)) {
+    std::fill(s.bias_valid.begin(), s.bias_valid.end(), 0);
+    std::copy(key, key + 9, s.bias_key);
+  }
+  T* tile = s.bias_tiles.data() + h * BQ * BK;
+  if (!s.bias_valid[h]) {
+    build_bias_tile(m, qb, kb, bias, R, tile, qm);
+    s.bias_valid[h] = 1;
+  }
+  add_tile(S, tile, qm, kn16);
+  for (index_t i = 0; i < qm; ++i) std::fill(S + i * BK + kn, S + i * BK + kn16, kNegInf<T>);
+}
+
 /// The outermost axis along which box b has more than one position (2 if none): tokens of b
 /// with that coordinate in a sub-range form one contiguous run of b's row-major order.
 inline int outer_axis(const Box& b) {
@@ -175,10 +244,11 @@ void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
     slab.hi[ax] = imin(c + g, ku.hi[ax]);
     // Rows of the tile whose window meets the slab: [qlo, qhi) along ax (both advance).
     index_t lo, hi;
-    for (;; ++qlo) {
+    for (; qlo < qb.hi[ax]; ++qlo) {
       m.window(ax, qlo, lo, hi);
       if (hi > slab.lo[ax]) break;
     }
+    if (qlo == qb.hi[ax]) break;  // cannot happen: the union of monotone windows has no gap
     qhi = imax(qhi, qlo);
     while (qhi < qb.hi[ax]) {
       m.window(ax, qhi, lo, hi);
@@ -201,7 +271,7 @@ void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
       const int state = m.tile(qs, kb);
       fwd_step(p, s.Qg.data() + i0 * p.Dp, p.Dp, i0, qn, s.KTg.data(), BK, s.Vg.data(), p.Dvp,
                kn, s, [&](T* S, index_t kn_, index_t kn16) {
-                 window_mask_tile(m, qs, kb, state, bias, x.R, S, qn, kn_, kn16);
+                 window_mask_tile_cached(m, qs, kb, state, bias, x.R, S, qn, kn_, kn16, h, p.H, s);
                });
     }
   }
@@ -246,6 +316,21 @@ void window_fwd(const AttentionParams<T>& p, const WindowMask::Args& args,
     prefetch_box(m, ku, p.v, p.cu_k[b], p.Hkv, p.Dv);
     for (index_t h = 0; h < p.H; ++h) window_fwd_tile(p, args, x, h, b, t - tile_start[b], s);
   });
+}
+
+/// Scatters the pending dS sum of full tiles into the item's partial bias gradient.
+template <class T>
+void flush_dbias(const WindowMask& m, BwdScratch<T>& s, const index_t* R, T* dbias) {
+  const T* d = s.dbias_tile.data();
+  const Box& kb = s.dbias_kb;
+  for_each_window_run(m, s.dbias_qb, kb,
+                      [&](index_t i, const index_t* xq, index_t col, index_t a, index_t e,
+                          index_t c0, index_t c1) {
+                        if (e <= a) return;
+                        T* gb = dbias + bias_index(m, R, xq, c0, c1, kb.lo[2] + a);
+                        for (index_t j = a; j < e; ++j) gb[j - a] += d[i * BK + col + j];
+                      });
+  s.dbias_pending = false;
 }
 
 template <class T>
@@ -324,10 +409,24 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
             s.VTg.data() + j0, BK, s.Kg.data() + j0 * p.Dp, p.Dp, kcn, dK + j0 * p.Dp,
             dV + j0 * p.Dvp, s.dQg.data(), p.Dp, s,
             [&](T* S, index_t kn_, index_t kn16) {
-              window_mask_tile(m, qb, kc, state, bias, x.R, S, qm, kn_, kn16);
+              window_mask_tile_cached(m, qb, kc, state, bias, x.R, S, qm, kn_, kn16, h, p.H, s);
             },
             [&](const T* dS) {
               if (!dbias) return;
+              if (state == kTileFull) {  // sum dS per geometry, scatter into the table once
+                index_t key[9];
+                tile_key(qb, kc, key);
+                if (s.dbias_pending && !same_key(key, s.dbias_key)) flush_dbias(m, s, x.R, dbias);
+                if (!s.dbias_pending) {
+                  s.dbias_tile.assign(BQ * BK, T(0));
+                  std::copy(key, key + 9, s.dbias_key);
+                  s.dbias_qb = qb;
+                  s.dbias_kb = kc;
+                  s.dbias_pending = true;
+                }
+                add_tile(s.dbias_tile.data(), dS, qm, round_up(kcn, 16));
+                return;
+              }
               for_each_window_run(m, qb, kc,
                                   [&](index_t i, const index_t* xq, index_t col, index_t a,
                                       index_t e, index_t c0, index_t c1) {
@@ -360,6 +459,7 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
       }
     }
   }
+  if (s.dbias_pending) flush_dbias(m, s, x.R, dbias);
 }
 
 template <class T>
