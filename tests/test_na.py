@@ -382,3 +382,58 @@ def test_bad_backward_inputs():
         torch.ops.tilefuse.na_bwd(out[:1], None, q, k, v, None, out, lse, *args)
     with pytest.raises(ValueError, match="lse must be"):
         torch.ops.tilefuse.na_bwd(out, None, q, k, v, None, out, lse.double(), *args)
+
+
+# ----------------------------------------------------------------------------------------
+# Seeded random sweep (NA and Swin, float64, forward and every gradient), sized by
+# TILEFUSE_TEST_SWEEP (conftest.SWEEP): partial tiles, key slabs longer than a tile, padding.
+
+
+def _random_config(rng):
+    rank = rng.choice([1, 1, 2, 2, 3])
+    if rank == 1:
+        shape = (rng.randint(1, 300),)
+    elif rank == 2:
+        shape = (rng.randint(1, 30), rng.randint(1, 30))
+    else:
+        shape = tuple(rng.randint(1, 8) for _ in range(3))
+    ks, ds, ss, cs = [], [], [], []
+    for n in shape:
+        k = rng.randint(1, n)
+        ks.append(k)
+        ds.append(rng.randint(1, max(1, n // k)))
+        ss.append(rng.randint(1, k))
+        cs.append(rng.random() < 0.3)
+    H = rng.choice([1, 2, 4])
+    Hkv = rng.choice([h for h in (1, 2, 4) if H % h == 0])
+    window = [rng.randint(1, n + 3) for n in shape]
+    shift = [rng.randint(0, w - 1) for w in window]
+    return shape, H, Hkv, (ks, ds, ss, cs), (window, shift)
+
+
+def test_random_sweep_float64():
+    import random
+
+    from conftest import SWEEP
+
+    rng = random.Random(1234)
+    for _ in range(8 * SWEEP):
+        shape, H, Hkv, (ks, ds, ss, cs), (window, shift) = _random_config(rng)
+        q, k, v = (t.double().requires_grad_() for t in _inputs(shape, H, Hkv, 8, 8))
+        rpb = torch.randn(H, *[2 * x - 1 for x in ks], dtype=torch.float64, requires_grad=True)
+        out = NA[len(shape)](q, k, v, ks, ds, ss, cs, rpb=rpb)
+        ref = R.na(q, k, v, ks, ds, ss, cs, rpb=rpb)
+        go = torch.randn_like(out)
+        for a, b in zip((out, *torch.autograd.grad(out, (q, k, v, rpb), go)),
+                        (ref, *torch.autograd.grad(ref, (q, k, v, rpb), go))):
+            assert (a - b).abs().max().item() < 1e-9, (shape, ks, ds, ss, cs)
+        table = torch.randn(math.prod(2 * w - 1 for w in window), H, dtype=torch.float64,
+                            requires_grad=True)
+        pads = (torch.randn(Hkv, 8, dtype=torch.float64, requires_grad=True),
+                torch.randn(Hkv, 8, dtype=torch.float64, requires_grad=True))
+        out = tilefuse.window_attention(q, k, v, window, shift, rpb=table, pad_kv=pads)
+        ref = R.window_attention(q, k, v, window, shift, rpb=table, pad_kv=pads)
+        leaves = (q, k, v, table, *pads)
+        for a, b in zip((out, *torch.autograd.grad(out, leaves, go)),
+                        (ref, *torch.autograd.grad(ref, leaves, go))):
+            assert (a - b).abs().max().item() < 1e-9, (shape, window, shift)
