@@ -83,7 +83,8 @@ void check_rank_list(const WinShapes& s, size_t n, const char* name, int64_t R) 
 /// The window policy cuts them further at window / stride-group boundaries. Query tiles are
 /// tall along the outer axis: the loop skips the rows that do not see a key slab along that
 /// axis, so only the inner axes pay for the union of the windows (measured on 56x56 / k 7 and
-/// 128x128 / k 13: 16x4 beat 8x8, 32x2 and 4x16; in 3-D 4x4x4 beat 2x4x8 and 1x8x8).
+/// 128x128 / k 13: 16x4 beat 8x8, 32x2 and 4x16). In 3-D the slab axis (the first one of
+/// extent > 1) should carry a large kernel, hence 1x16x4 rather than a cube.
 void default_tiles(WindowMask::Args& a, int64_t R) {
   static const int64_t q1[3] = {1, 1, 64}, k1[3] = {1, 1, 128};
   static const int64_t q2[3] = {1, 16, 4}, k2[3] = {1, 16, 8};
