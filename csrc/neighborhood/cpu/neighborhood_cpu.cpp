@@ -80,11 +80,15 @@ void check_rank_list(const WinShapes& s, size_t n, const char* name, int64_t R) 
 }
 
 /// Tile shapes: query tiles of <= 64 tokens, key tiles of <= 128, per axis (leading axes 1).
-/// The window policy cuts them further at window / stride-group boundaries.
+/// The window policy cuts them further at window / stride-group boundaries. Query tiles are
+/// tall along the outer axis: the loop skips the rows that do not see a key slab along that
+/// axis, so only the inner axes pay for the union of the windows (measured on 56x56 / k 7 and
+/// 128x128 / k 13: 16x4 beat 8x8, 32x2 and 4x16). In 3-D the slab axis (the first one of
+/// extent > 1) should carry a large kernel, hence 1x16x4 rather than a cube.
 void default_tiles(WindowMask::Args& a, int64_t R) {
   static const int64_t q1[3] = {1, 1, 64}, k1[3] = {1, 1, 128};
-  static const int64_t q2[3] = {1, 8, 8}, k2[3] = {1, 8, 16};
-  static const int64_t q3[3] = {2, 4, 8}, k3[3] = {2, 8, 8};
+  static const int64_t q2[3] = {1, 16, 4}, k2[3] = {1, 16, 8};
+  static const int64_t q3[3] = {1, 16, 4}, k3[3] = {1, 16, 8};
   const int64_t* q = R == 1 ? q1 : R == 2 ? q2 : q3;
   const int64_t* k = R == 1 ? k1 : R == 2 ? k2 : k3;
   for (int a3 = 0; a3 < 3; ++a3) {
@@ -163,7 +167,8 @@ WinShapes check_na(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   if (rpb.has_value()) {
     std::vector<int64_t> want{s.H};
     for (int64_t i = 0; i < R; ++i) want.push_back(2 * kernel[i] - 1);
-    TORCH_CHECK_VALUE(rpb->sizes() == at::IntArrayRef(want), s.op, ": rpb must have shape ", want,
+    TORCH_CHECK_VALUE(rpb->sizes() == at::IntArrayRef(want), s.op, ": rpb must have shape ",
+                      at::IntArrayRef(want),
                       " ([heads, 2k-1, ...]), got ", rpb->sizes());
     TORCH_CHECK_TYPE(rpb->scalar_type() == q.scalar_type(), s.op,
                      ": rpb must have the dtype of q (", q.scalar_type(), "), got ",
@@ -171,6 +176,13 @@ WinShapes check_na(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     TORCH_CHECK_VALUE(rpb->device() == q.device(), s.op, ": rpb must be on the device of q");
   }
   default_tiles(s.args, R);
+  bool blocked = true;
+  for (int a = 0; a < 3; ++a) blocked = blocked && s.args.stride[a] == s.args.kernel[a];
+  if (blocked) {  // disjoint windows, like Swin: one window per query tile where it fits
+    for (int a = 0; a < 3; ++a) s.args.window[a] = s.args.kernel[a];
+    window_tiles(s.args, s.args.q_tile, cpu::kAttnTileQ);
+    window_tiles(s.args, s.args.k_tile, cpu::kAttnTileK);
+  }
   make_sequences(s);
   return s;
 }
@@ -236,7 +248,7 @@ at::Tensor from_tokens(const WinShapes& s, const at::Tensor& t, at::IntArrayRef 
   bn.insert(bn.end(), tail.begin(), tail.end());
   at::Tensor x = t.reshape(bn);
   if (s.G > 1) x = at::empty_like(x).index_copy_(1, s.perm, x);
-  return x.reshape(shape);
+  return x.reshape(shape).contiguous();
 }
 
 template <class T>
@@ -298,10 +310,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const WinShapes& s, const at::Tensor
   AttentionParams<T> p = window_params<T>(s);
   std::vector<at::Tensor> keep;
   p.q = make_operand<T>(to_tokens(s, q), p.Dp, false, keep);
-  const Operand<T> k_op = make_operand<T>(to_tokens(s, k), p.Dp, false, keep);
-  at::Tensor ktb = transposed(k_op, s.Hkv, p.Tk, s.D, q.options());
+  // Key tiles are gathered by rows and transposed inside the kernel (no K^T pass here).
+  p.k = make_operand<T>(to_tokens(s, k), p.Dp, false, keep);
   p.v = make_operand<T>(to_tokens(s, v), p.Dvp, true, keep);
-  p.kt = ktb.const_data_ptr<T>();
   p.scale = static_cast<T>(scale);
   at::Tensor out_t = at::empty({p.Tq, s.H, s.Dv}, q.options().dtype(ct));
   at::Tensor lse_t = at::empty({p.Tq, s.H}, q.options().dtype(ct));
@@ -364,10 +375,8 @@ void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at
   std::vector<at::Tensor> keep;
   p.q = make_operand<T>(to_tokens(s, q), p.Dp, true, keep);
   p.k = make_operand<T>(to_tokens(s, k), p.Dp, true, keep);
-  const Operand<T> v_op = make_operand<T>(to_tokens(s, v), p.Dvp, false, keep);
+  p.v = make_operand<T>(to_tokens(s, v), p.Dvp, false, keep);
   p.dout = make_operand<T>(to_tokens(s, dout), p.Dvp, true, keep);
-  at::Tensor ktb = transposed(p.k, s.Hkv, p.Tk, s.D, q.options());
-  at::Tensor vtb = transposed(v_op, s.Hkv, p.Tk, s.Dv, q.options());
   p.scale = static_cast<T>(scale);
   // Same work split as the dense backward: chunks of key tiles when heads x sequences alone
   // cannot keep the threads busy; one dQ partial per chunk, summed below.
@@ -382,8 +391,6 @@ void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at
   at::Tensor dqb = at::zeros({p.n_kv_chunks, s.H, p.Tq, p.Dp}, opts);
   at::Tensor dkb = at::zeros({s.H, p.Tk, p.Dp}, opts);
   at::Tensor dvb = at::zeros({s.H, p.Tk, p.Dvp}, opts);
-  p.kt = ktb.const_data_ptr<T>();
-  p.vt = vtb.const_data_ptr<T>();
   p.lse_in = lse_c.const_data_ptr<T>();
   p.delta = delta.const_data_ptr<T>();
   p.dq = dqb.mutable_data_ptr<T>();

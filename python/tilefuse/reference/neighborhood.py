@@ -11,7 +11,7 @@ crop.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -26,9 +26,9 @@ def _tuple(x, n, name):
 
 
 def na_window(length: int, kernel_size: int, dilation: int = 1, stride: int = 1,
-              is_causal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+              is_causal: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per position of one axis: the window start and end (exclusive) in dilation-group
-    coordinates, and the group, from NATTEN's definition.
+    coordinates, and the dilation group, from NATTEN's definition.
 
     Non-causal: the stride-group leader (the group's centre query, right of centre for an even
     stride, at most the last query) is the window centre, clamped so that the window of

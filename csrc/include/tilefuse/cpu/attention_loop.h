@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "tilefuse/attention/params.h"
+#include "tilefuse/attention/window.h"
 #include "tilefuse/cpu/attention.h"
 #include "tilefuse/cpu/gemm.h"
 #include "tilefuse/cpu/vec.h"
@@ -52,8 +53,12 @@ template <class T>
 struct FwdScratch {
   std::vector<T> S, O, m, l, alpha;
   // Gathered operands of spatial tiles (unused by contiguous tiles).
-  std::vector<T> Qg, KTg, Vg;
+  std::vector<T> Qg, Kg, KTg, Vg;
   std::vector<index_t> qtok, ktok;
+  // Bias tiles of full tile pairs, per head, reused while the tile geometry repeats.
+  std::vector<T> bias_tiles;
+  std::vector<char> bias_valid;
+  index_t bias_key[9] = {};
 };
 
 template <class T>
@@ -66,15 +71,17 @@ void fwd_init(index_t qm, index_t Dvp, FwdScratch<T>& s) {
 }
 
 /// S = Q K^T (base-2 logits), mask(S) (the policy's mask, bias and the ragged columns), online
-/// softmax update, O = diag(alpha) O + P V. Q is [qm, D] (row stride ldq), KT [D, >= kn16]
-/// (ld ldkt), V [kn, Dvp] (row stride ldv).
+/// softmax update, O = diag(alpha) O + P V, for rows [i0, i0 + qm) of the query tile (a key
+/// tile may be visible to only part of it). Q is those qm rows (row stride ldq), KT
+/// [D, >= kn16] (ld ldkt), V [kn, Dvp] (row stride ldv).
 template <class T, class MaskFn>
-void fwd_step(const AttentionParams<T>& p, const T* Q, index_t ldq, index_t qm, const T* KT,
-              index_t ldkt, const T* V, index_t ldv, index_t kn, FwdScratch<T>& s,
+void fwd_step(const AttentionParams<T>& p, const T* Q, index_t ldq, index_t i0, index_t qm,
+              const T* KT, index_t ldkt, const T* V, index_t ldv, index_t kn, FwdScratch<T>& s,
               const MaskFn& mask) {
   constexpr int W = VecTraits<T>::W;
   const T c2 = p.scale * T(kLog2ed);  // logits in base 2
-  T *S = s.S.data(), *O = s.O.data(), *m = s.m.data(), *l = s.l.data(), *alpha = s.alpha.data();
+  T *S = s.S.data(), *O = s.O.data() + i0 * p.Dvp, *m = s.m.data() + i0, *l = s.l.data() + i0;
+  T* alpha = s.alpha.data() + i0;
   const index_t kn16 = round_up(kn, 16);
   gemm<GemmOut::kStoreScaled>(qm, kn16, p.D, Q, ldq, 1, KT, ldkt, S, BK, &c2);
   mask(S, kn, kn16);
@@ -123,8 +130,14 @@ template <class T>
 struct BwdScratch {
   std::vector<T> S, dP, dK, dV;
   // Gathered operands of spatial tiles (unused by contiguous tiles).
-  std::vector<T> Qg, dOg, Kg, KTg, VTg, dQg, lse, delta;
+  std::vector<T> Qg, dOg, Kg, KTg, Vg, VTg, dQg, lse, delta;
   std::vector<index_t> qtok, ktok;
+  // Bias tile and the dS sum of full tile pairs that share one geometry (see window_loop.h).
+  std::vector<T> bias_tiles, dbias_tile;
+  std::vector<char> bias_valid;
+  index_t bias_key[9] = {}, dbias_key[9] = {};
+  Box dbias_qb{}, dbias_kb{};
+  bool dbias_pending = false;
 };
 
 /// One backward tile pair: recompute P from the saved LSE (lse2: base-2 LSE per row, +inf for
@@ -185,7 +198,7 @@ void fwd_tile(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
     const index_t kn = imin(BK, khi - k0);
     const int state = mask.tile(q0, q0 + qm, k0, k0 + kn);
     if (state == kTileSkip) continue;
-    fwd_step(p, Q, p.q.row_stride, qm, KT + k0, p.ldkt, V + k0 * p.v.row_stride,
+    fwd_step(p, Q, p.q.row_stride, 0, qm, KT + k0, p.ldkt, V + k0 * p.v.row_stride,
              p.v.row_stride, kn, s, [&](T* S, index_t kn_, index_t kn16) {
                if (state == kTilePartial || kn16 != kn_)
                  mask_tile(mask, state, S, qm, kn_, kn16, q0, k0);
@@ -204,6 +217,7 @@ FwdScratch<T> fwd_scratch(const AttentionParams<T>& p, bool gathered) {
   s.alpha.resize(BQ);
   if (gathered) {
     s.Qg.resize(BQ * p.Dp);
+    s.Kg.resize(BK * p.Dp);
     s.KTg.assign(p.D * BK, T(0));
     s.Vg.resize(BK * p.Dvp);
     s.qtok.resize(BQ);
@@ -294,8 +308,10 @@ BwdScratch<T> bwd_scratch(const AttentionParams<T>& p, bool gathered) {
     s.Qg.resize(BQ * p.Dp);
     s.dOg.resize(BQ * p.Dvp);
     s.Kg.resize(BK * p.Dp);
-    s.KTg.assign(p.D * BK, T(0));
-    s.VTg.assign(p.Dv * BK, T(0));
+    // +16: a GEMM on a column sub-range [j0, j0 + kn16) may read past the last row's end.
+    s.KTg.assign(p.D * BK + 16, T(0));
+    s.Vg.resize(BK * p.Dvp);
+    s.VTg.assign(p.Dv * BK + 16, T(0));
     s.dQg.resize(BQ * p.Dp);
     s.qtok.resize(BQ);
     s.ktok.resize(BK);
