@@ -113,7 +113,7 @@ def attention_section(lines, rows_out):
     lines += [f"## tilefuse.attention vs torch SDPA, [B={B}, S={S}, H={H}, D={D}]\n",
               "SDPA always runs fp32 (its bf16 CPU path is not the anchor); the bf16 rows are "
               "tilefuse's bf16 path, widened to fp32 inside the kernel.\n",
-              markdown_table(["case", "tilefuse ms", "SDPA fp32 ms", "speedup", "max |diff|"], rows),
+              markdown_table(["case", "tilefuse ms", "SDPA fp32 ms", "speedup", "max abs diff"], rows),
               ""]
 
 
@@ -176,7 +176,7 @@ def local_attention_section(lines, rows_out):
                  f"{t_rc*1e3:.1f}", f"{t_rc/t_tf:.1f}", f"{diff:.1e}"])
     rows_out.append(("Swin window tilefuse", t_tf))
     lines += ["## local attention layers, fp32, forward+backward\n",
-              markdown_table(["case", "tilefuse ms", "torch path ms", "speedup", "max |diff|"], rows),
+              markdown_table(["case", "tilefuse ms", "torch path ms", "speedup", "max abs diff"], rows),
               ""]
 
 
