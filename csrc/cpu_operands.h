@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
 #include <vector>
 
 #include "aten_utils.h"
@@ -50,6 +51,43 @@ at::Tensor transposed(const Operand<T>& src, int64_t H, int64_t Tn, int64_t C,
   else
     cpu::generic::transpose_heads(src, H, Tn, C, dst, Tn + 16, r);
   return buf;
+}
+
+/// Backward work split shared by the drivers: one item per (head, sequence), plus chunks of
+/// key tiles (each with its own dQ partial, summed afterwards: no atomics) only when those
+/// items alone cannot keep the threads busy.
+inline int64_t backward_kv_chunks(int64_t items, int64_t max_key_tiles) {
+  const int64_t threads = at::get_num_threads();
+  return items >= 2 * threads ? 1 : std::min(max_key_tiles, ceil_div(4 * threads, items));
+}
+
+/// The backward's accumulators, zeroed and wired into p: dQ partials [chunks, H, Tq, Dp]
+/// (p.n_kv_chunks must be set), dK / dV per query head [H, Tk, Dp | Dvp].
+struct GradBuffers {
+  at::Tensor dq, dk, dv;
+};
+
+template <class T>
+GradBuffers grad_buffers(AttentionParams<T>& p, const at::TensorOptions& opts) {
+  auto o = opts.dtype(c10::CppTypeToScalarType<T>::value);
+  GradBuffers g{at::zeros({p.n_kv_chunks, p.H, p.Tq, p.Dp}, o), at::zeros({p.H, p.Tk, p.Dp}, o),
+                at::zeros({p.H, p.Tk, p.Dvp}, o)};
+  p.dq = g.dq.mutable_data_ptr<T>();
+  p.dk = g.dk.mutable_data_ptr<T>();
+  p.dv = g.dv.mutable_data_ptr<T>();
+  return g;
+}
+
+/// Accumulators -> token-major [T, H, C] views in the compute type: the dQ partials summed and
+/// scaled, dK / dV summed over each GQA group, feature padding dropped.
+template <class T>
+std::array<at::Tensor, 3> grads_to_tokens(const GradBuffers& g, const AttentionParams<T>& p,
+                                          double scale) {
+  const int64_t G = p.H / p.Hkv;
+  at::Tensor dq = (p.n_kv_chunks == 1 ? g.dq[0] : g.dq.sum(0)).narrow(2, 0, p.D);
+  at::Tensor dk = g.dk.view({p.Hkv, G, p.Tk, p.Dp}).sum(1).narrow(2, 0, p.D);
+  at::Tensor dv = g.dv.view({p.Hkv, G, p.Tk, p.Dvp}).sum(1).narrow(2, 0, p.Dv);
+  return {dq.permute({1, 0, 2}).mul(scale), dk.permute({1, 0, 2}), dv.permute({1, 0, 2})};
 }
 
 }  // namespace tilefuse

@@ -261,37 +261,23 @@ void bwd_impl(const AttnShapes& s, const at::Tensor& dout, const std::optional<a
   at::Tensor vtb = transposed(v_op, s.Hkv, s.Tk, s.Dv, q.options());
   p.scale = static_cast<T>(scale);
 
-  // Split each sequence's key tiles into chunks when (heads x sequences) alone cannot keep
-  // the threads busy; each chunk accumulates its own dQ partial (no atomics, deterministic).
-  const int64_t threads = at::get_num_threads();
   int64_t max_k_tiles = 1;
   const int64_t* ck = s.cu_k.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < s.B; ++b)
     max_k_tiles = std::max(max_k_tiles, ceil_div(ck[b + 1] - ck[b], cpu::kAttnTileK));
-  const int64_t items = s.H * s.B;
-  p.n_kv_chunks = items >= 2 * threads ? 1 : std::min(max_k_tiles, ceil_div(4 * threads, items));
-
-  auto f32 = q.options().dtype(ct);
-  at::Tensor dqb = at::zeros({p.n_kv_chunks, s.H, s.Tq, p.Dp}, f32);
-  at::Tensor dkb = at::zeros({s.H, s.Tk, p.Dp}, f32);
-  at::Tensor dvb = at::zeros({s.H, s.Tk, p.Dvp}, f32);
+  p.n_kv_chunks = backward_kv_chunks(s.H * s.B, max_k_tiles);
+  const GradBuffers gb = grad_buffers(p, q.options());
   p.kt = ktb.const_data_ptr<T>();
   p.vt = vtb.const_data_ptr<T>();
   p.lse_in = lse_c.const_data_ptr<T>();
   p.delta = delta.const_data_ptr<T>();
-  p.dq = dqb.mutable_data_ptr<T>();
-  p.dk = dkb.mutable_data_ptr<T>();
-  p.dv = dvb.mutable_data_ptr<T>();
   run_bwd(p, wl, wr);
 
-  // Back to the callers' layouts: [H, T, Cp] -> [T, H, C], GQA groups summed, input dtype.
-  const int64_t G = s.H / s.Hkv;
-  at::Tensor dq_t = (p.n_kv_chunks == 1 ? dqb[0] : dqb.sum(0)).narrow(2, 0, s.D);
-  at::Tensor dk_t = dkb.view({s.Hkv, G, s.Tk, p.Dp}).sum(1).narrow(2, 0, s.D);
-  at::Tensor dv_t = dvb.view({s.Hkv, G, s.Tk, p.Dvp}).sum(1).narrow(2, 0, s.Dv);
-  tokens(dq, vl).copy_(dq_t.permute({1, 0, 2}).mul(scale));
-  tokens(dk, vl).copy_(dk_t.permute({1, 0, 2}));
-  tokens(dv, vl).copy_(dv_t.permute({1, 0, 2}));
+  // Back to the callers' layouts and dtype.
+  const auto [dq_t, dk_t, dv_t] = grads_to_tokens(gb, p, scale);
+  tokens(dq, vl).copy_(dq_t);
+  tokens(dk, vl).copy_(dk_t);
+  tokens(dv, vl).copy_(dv_t);
 }
 
 

@@ -236,28 +236,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bs_bwd_cpu(
     p.vt = vtb.const_data_ptr<T>();
     p.lse_in = lse_c.const_data_ptr<T>();
     p.delta = delta.const_data_ptr<T>();
-    // Chunks of key blocks per (head, batch) only when those alone cannot fill the threads;
-    // each chunk owns a dQ partial (no atomics, deterministic).
-    const int64_t threads = at::get_num_threads(), items = s.H * s.B;
-    p.n_kv_chunks = items >= 2 * threads ? 1 : std::min(s.nk, ceil_div(4 * threads, items));
-    auto opts = q.options().dtype(ct);
-    at::Tensor dqb = at::zeros({p.n_kv_chunks, s.H, p.Tq, p.Dp}, opts);
-    at::Tensor dkb = at::zeros({s.H, p.Tk, p.Dp}, opts);
-    at::Tensor dvb = at::zeros({s.H, p.Tk, p.Dvp}, opts);
-    p.dq = dqb.mutable_data_ptr<T>();
-    p.dk = dkb.mutable_data_ptr<T>();
-    p.dv = dvb.mutable_data_ptr<T>();
+    p.n_kv_chunks = backward_kv_chunks(s.H * s.B, s.nk);  // chunks of key blocks
+    const GradBuffers gb = grad_buffers(p, q.options());
     const BlockSparseArgs a{rows(cc, ic), rows(qc, qi), bq, bk, causal};
     const ParallelRunner r = aten_runner();
     cpu::current_isa() == cpu::Isa::kAvx2 ? cpu::avx2::block_sparse_bwd(p, a, r)
                                           : cpu::generic::block_sparse_bwd(p, a, r);
-    const int64_t G = s.H / s.Hkv;
-    at::Tensor dq_t = (p.n_kv_chunks == 1 ? dqb[0] : dqb.sum(0)).narrow(2, 0, s.D);
-    at::Tensor dk_t = dkb.view({s.Hkv, G, p.Tk, p.Dp}).sum(1).narrow(2, 0, s.D);
-    at::Tensor dv_t = dvb.view({s.Hkv, G, p.Tk, p.Dvp}).sum(1).narrow(2, 0, s.Dv);
-    tokens(dq).copy_(dq_t.permute({1, 0, 2}).mul(scale));
-    tokens(dk).copy_(dk_t.permute({1, 0, 2}));
-    tokens(dv).copy_(dv_t.permute({1, 0, 2}));
+    const auto [dq_t, dk_t, dv_t] = grads_to_tokens(gb, p, scale);
+    tokens(dq).copy_(dq_t);
+    tokens(dk).copy_(dk_t);
+    tokens(dv).copy_(dv_t);
   };
   ct == at::kDouble ? run(double{}) : run(float{});
   return {dq, dk, dv};

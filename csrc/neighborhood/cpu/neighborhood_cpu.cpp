@@ -378,24 +378,17 @@ void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at
   p.v = make_operand<T>(to_tokens(s, v), p.Dvp, false, keep);
   p.dout = make_operand<T>(to_tokens(s, dout), p.Dvp, true, keep);
   p.scale = static_cast<T>(scale);
-  // Same work split as the dense backward: chunks of key tiles when heads x sequences alone
-  // cannot keep the threads busy; one dQ partial per chunk, summed below.
-  const int64_t threads = at::get_num_threads();
+  // Same work split as the dense backward (backward_kv_chunks).
   const int64_t items = s.H * p.B;
   int64_t max_tiles = 1;
   for (int64_t b = 0; b < std::min<int64_t>(p.B, s.G); ++b)
     max_tiles = std::max(max_tiles, WindowMask::make(s.args, b).num_key_tiles());
-  p.n_kv_chunks = items >= 2 * threads ? 1 : std::min(max_tiles, ceil_div(4 * threads, items));
+  p.n_kv_chunks = backward_kv_chunks(items, max_tiles);
   const int64_t n_items = items * p.n_kv_chunks;
   auto opts = q.options().dtype(ct);
-  at::Tensor dqb = at::zeros({p.n_kv_chunks, s.H, p.Tq, p.Dp}, opts);
-  at::Tensor dkb = at::zeros({s.H, p.Tk, p.Dp}, opts);
-  at::Tensor dvb = at::zeros({s.H, p.Tk, p.Dvp}, opts);
+  const GradBuffers gb = grad_buffers(p, q.options());
   p.lse_in = lse_c.const_data_ptr<T>();
   p.delta = delta.const_data_ptr<T>();
-  p.dq = dqb.mutable_data_ptr<T>();
-  p.dk = dkb.mutable_data_ptr<T>();
-  p.dv = dvb.mutable_data_ptr<T>();
   WindowExtras<T> x;
   at::Tensor bias, kp, vp, dbias, dkp, dvp;
   if (rpb.has_value()) {
@@ -421,13 +414,10 @@ void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at
   }
   run_bwd_kernel(p, s.args, x);
 
-  const int64_t G = s.H / s.Hkv;
-  at::Tensor dq_t = (p.n_kv_chunks == 1 ? dqb[0] : dqb.sum(0)).narrow(2, 0, s.D);
-  at::Tensor dk_t = dkb.view({s.Hkv, G, p.Tk, p.Dp}).sum(1).narrow(2, 0, s.D);
-  at::Tensor dv_t = dvb.view({s.Hkv, G, p.Tk, p.Dvp}).sum(1).narrow(2, 0, s.Dv);
-  g.dq = from_tokens(s, dq_t.permute({1, 0, 2}).mul(scale), q.sizes()).to(q.scalar_type());
-  g.dk = from_tokens(s, dk_t.permute({1, 0, 2}), k.sizes()).to(k.scalar_type());
-  g.dv = from_tokens(s, dv_t.permute({1, 0, 2}), v.sizes()).to(v.scalar_type());
+  const auto [dq_t, dk_t, dv_t] = grads_to_tokens(gb, p, scale);
+  g.dq = from_tokens(s, dq_t, q.sizes()).to(q.scalar_type());
+  g.dk = from_tokens(s, dk_t, k.sizes()).to(k.scalar_type());
+  g.dv = from_tokens(s, dv_t, v.sizes()).to(v.scalar_type());
   // Partial sums are per work item (head-major): a fixed-order reduction, no atomics.
   if (rpb.has_value())
     g.drpb = bias_grad_to_user(s, dbias.view({s.H, -1, x.R[0], x.R[1], x.R[2]}).sum(1), *rpb);
