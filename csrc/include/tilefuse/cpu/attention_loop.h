@@ -126,6 +126,23 @@ void fwd_write_row(const AttentionParams<T>& p, const FwdScratch<T>& s, index_t 
   p.lse[t * p.H + h] = (s.m[i] + std::log2(l)) * T(kLn2d);
 }
 
+/// The saved natural-log LSE in base 2 for P = exp2(s2 - lse2). A row without any visible key
+/// has lse = -inf; +inf then makes P = exp2(s2 - inf) = 0 for every key.
+template <class T>
+inline T lse_base2(T lse) {
+  return lse == kNegInf<T> ? std::numeric_limits<T>::infinity() : lse * T(kLog2ed);
+}
+
+/// Writes a finished key tile's accumulators (dK = scale * dS^T q, dV) for query head h,
+/// starting at global key token t0.
+template <class T>
+void store_dk_dv(const AttentionParams<T>& p, index_t h, index_t t0, index_t kn, const T* dK,
+                 const T* dV) {
+  T* dKo = p.dk + (h * p.Tk + t0) * p.Dp;
+  for (index_t e = 0; e < kn * p.Dp; ++e) dKo[e] = dK[e] * p.scale;
+  std::copy(dV, dV + kn * p.Dvp, p.dv + (h * p.Tk + t0) * p.Dvp);
+}
+
 template <class T>
 struct BwdScratch {
   std::vector<T> S, dP, dK, dV;
@@ -274,8 +291,7 @@ void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
       for (index_t i = 0; i < qm; ++i) {
         const index_t t = (qbeg + q0 + i) * p.H + h;
         const T lse = p.lse_in[t];
-        // Rows without any visible key have lse = -inf: P = exp2(-inf - inf) = 0.
-        lse2[i] = lse == kNegInf<T> ? std::numeric_limits<T>::infinity() : lse * T(kLog2ed);
+        lse2[i] = lse_base2(lse);
         delta[i] = p.delta[t];
       }
       bwd_step<true>(p, Qh + q0 * ldq, ldq, dOh + q0 * lddo, lddo, qm, lse2, delta, KT + k0,
@@ -287,11 +303,7 @@ void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
                      },
                      [](T*) {});
     }
-    // dK = scale * dS^T q.
-    T* dKo = p.dk + (h * p.Tk + kbeg + k0) * p.Dp;
-    T* dVo = p.dv + (h * p.Tk + kbeg + k0) * p.Dvp;
-    for (index_t i = 0; i < kn * p.Dp; ++i) dKo[i] = dK[i] * p.scale;
-    std::copy(dV, dV + kn * p.Dvp, dVo);
+    store_dk_dv(p, h, kbeg + k0, kn, dK, dV);
   }
 }
 

@@ -89,7 +89,7 @@ void block_sparse_bwd(const AttentionParams<T>& p, const BlockSparseArgs& a,
             for (index_t row = 0; row < qm; ++row) {
               const index_t tok = (qbeg + q0 + row) * p.H + h;
               const T lse = p.lse_in[tok];
-              lse2[row] = lse == kNegInf<T> ? std::numeric_limits<T>::infinity() : lse * T(kLog2ed);
+              lse2[row] = lse_base2(lse);
               delta[row] = p.delta[tok];
             }
             bwd_step<true>(p, Qh + q0 * ldq, ldq, dOh + q0 * lddo, lddo, qm, lse2, delta,
@@ -102,10 +102,7 @@ void block_sparse_bwd(const AttentionParams<T>& p, const BlockSparseArgs& a,
                            [](T*) {});
           }
         }
-        T* dKo = p.dk + (h * p.Tk + kbeg + k0) * p.Dp;
-        T* dVo = p.dv + (h * p.Tk + kbeg + k0) * p.Dvp;
-        for (index_t e = 0; e < kn * p.Dp; ++e) dKo[e] = dK[e] * p.scale;
-        std::copy(dV, dV + kn * p.Dvp, dVo);
+        store_dk_dv(p, h, kbeg + k0, kn, dK, dV);
       }
     }
   });

@@ -400,7 +400,7 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
         for (index_t i = 0; i < qm; ++i) {
           const index_t gi = (qbeg + qtok[i]) * p.H + h;
           const T lse = p.lse_in[gi];
-          lse2[i] = lse == kNegInf<T> ? std::numeric_limits<T>::infinity() : lse * T(kLog2ed);
+          lse2[i] = lse_base2(lse);
           delta[i] = p.delta[gi];
         }
         const int state = m.tile(qb, kc);
