@@ -230,6 +230,16 @@ def test_minilm_low_bit_embeddings_issue_bars():
 
 
 
+def _assert_same_grads(model, converted):
+    """Every parameter of the converted model got the original's gradient (by name)."""
+    g0 = dict(model.named_parameters())
+    for name, p in converted.named_parameters():
+        if g0[name].grad is None:
+            assert p.grad is None, name
+            continue
+        assert torch.allclose(p.grad, g0[name].grad, atol=1e-4, rtol=1e-3), name
+
+
 @pytest.mark.parametrize("img,ws", [(64, 4), (60, 4), (56, 7)], ids=["aligned", "padded", "win7"])
 def test_convert_swin_matches_original_forward_and_backward(img, ws):
     cfg = transformers.SwinConfig(image_size=img, patch_size=4, embed_dim=24, depths=[2, 2],
@@ -250,12 +260,7 @@ def test_convert_swin_matches_original_forward_and_backward(img, ws):
     assert (out0 - out1).abs().max() < 1e-4
     out0.square().sum().backward()
     out1.square().sum().backward()
-    g0 = dict(model.named_parameters())
-    for name, p in converted.named_parameters():
-        if g0[name].grad is None:
-            assert p.grad is None, name
-            continue
-        assert torch.allclose(p.grad, g0[name].grad, atol=1e-4, rtol=1e-3), name
+    _assert_same_grads(model, converted)
 
 
 @pytest.mark.parametrize("img,ws", [(64, 4), (60, 4)], ids=["aligned", "padded"])
@@ -278,12 +283,7 @@ def test_convert_swinv2_matches_original_forward_and_backward(img, ws):
     assert (out0 - out1).abs().max() < 1e-4
     out0.square().sum().backward()
     out1.square().sum().backward()
-    g0 = dict(model.named_parameters())
-    for name, p in converted.named_parameters():
-        if g0[name].grad is None:
-            assert p.grad is None, name
-            continue
-        assert torch.allclose(p.grad, g0[name].grad, atol=1e-4, rtol=1e-3), name
+    _assert_same_grads(model, converted)
 
 
 def test_convert_dinat_matches_unfused_formulation():
@@ -309,9 +309,4 @@ def test_convert_dinat_matches_unfused_formulation():
     assert (out0 - out1).abs().max() < 1e-4
     out0.square().sum().backward()
     out1.square().sum().backward()
-    g0 = dict(model.named_parameters())
-    for name, p in converted.named_parameters():
-        if g0[name].grad is None:
-            assert p.grad is None, name
-            continue
-        assert torch.allclose(p.grad, g0[name].grad, atol=1e-4, rtol=1e-3), name
+    _assert_same_grads(model, converted)
