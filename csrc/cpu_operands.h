@@ -53,6 +53,30 @@ at::Tensor transposed(const Operand<T>& src, int64_t H, int64_t Tn, int64_t C,
   return buf;
 }
 
+/// The shape fields of AttentionParams for B packed sequences: cu_q / cu_k are int64 [B + 1]
+/// boundaries (kept alive by the caller), feature dims padded to 16 for B operands, K^T / V^T
+/// with 16 readable columns past the Tk tokens.
+template <class T>
+AttentionParams<T> sequence_params(const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t H,
+                                   int64_t Hkv, int64_t Tq, int64_t Tk, int64_t D, int64_t Dv,
+                                   double scale) {
+  AttentionParams<T> p;
+  p.cu_q = cu_q.const_data_ptr<int64_t>();
+  p.cu_k = cu_k.const_data_ptr<int64_t>();
+  p.B = cu_q.size(0) - 1;
+  p.H = H;
+  p.Hkv = Hkv;
+  p.Tq = Tq;
+  p.Tk = Tk;
+  p.D = D;
+  p.Dv = Dv;
+  p.Dp = round_up(D, 16);
+  p.Dvp = round_up(Dv, 16);
+  p.ldkt = p.ldvt = Tk + 16;
+  p.scale = static_cast<T>(scale);
+  return p;
+}
+
 /// Backward work split shared by the drivers: one item per (head, sequence), plus chunks of
 /// key tiles (each with its own dQ partial, summed afterwards: no atomics) only when those
 /// items alone cannot keep the threads busy.

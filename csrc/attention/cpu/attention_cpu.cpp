@@ -114,25 +114,6 @@ AttnShapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return s;
 }
 
-template <class T>
-AttentionParams<T> base_params(const AttnShapes& s) {
-  AttentionParams<T> p;
-  p.cu_q = s.cu_q.const_data_ptr<int64_t>();
-  p.cu_k = s.cu_k.const_data_ptr<int64_t>();
-  p.B = s.B;
-  p.H = s.H;
-  p.Hkv = s.Hkv;
-  p.Tq = s.Tq;
-  p.Tk = s.Tk;
-  p.D = s.D;
-  p.Dv = s.Dv;
-  p.Dp = round_up(s.D, 16);
-  p.Dvp = round_up(s.Dv, 16);
-  p.ldkt = s.Tk + 16;
-  p.ldvt = s.Tk + 16;
-  return p;
-}
-
 at::Tensor tokens(const at::Tensor& x, bool varlen) {  // [B, S, H, C] -> [B*S, H, C]
   return varlen ? x : x.reshape({-1, x.size(2), x.size(3)});
 }
@@ -164,14 +145,14 @@ void run_bwd(const AttentionParams<T>& p, int64_t wl, int64_t wr) {
 template <class T>
 void fwd_impl(const AttnShapes& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               double scale, int64_t wl, int64_t wr, at::Tensor& out, at::Tensor& lse) {
-  AttentionParams<T> p = base_params<T>(s);
+  AttentionParams<T> p =
+      sequence_params<T>(s.cu_q, s.cu_k, s.H, s.Hkv, s.Tq, s.Tk, s.D, s.Dv, scale);
   std::vector<at::Tensor> keep;
   p.q = make_operand<T>(tokens(q, s.varlen), p.Dp, false, keep);
   const Operand<T> k_op = make_operand<T>(tokens(k, s.varlen), p.Dp, false, keep);
   at::Tensor ktb = transposed(k_op, s.Hkv, s.Tk, s.D, q.options());
   p.v = make_operand<T>(tokens(v, s.varlen), p.Dvp, true, keep);
   p.kt = ktb.const_data_ptr<T>();
-  p.scale = static_cast<T>(scale);
   p.o = out.mutable_data_ptr<T>();
   p.lse = lse.mutable_data_ptr<T>();
   run_fwd(p, wl, wr);
@@ -245,7 +226,8 @@ void bwd_impl(const AttnShapes& s, const at::Tensor& dout, const std::optional<a
               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
               const at::Tensor& lse, double scale, int64_t wl, int64_t wr, at::Tensor& dq,
               at::Tensor& dk, at::Tensor& dv) {
-  AttentionParams<T> p = base_params<T>(s);
+  AttentionParams<T> p =
+      sequence_params<T>(s.cu_q, s.cu_k, s.H, s.Hkv, s.Tq, s.Tk, s.D, s.Dv, scale);
   const bool vl = s.varlen;
   const at::ScalarType ct = compute_type(q);
   at::Tensor delta = (dout.to(ct) * out.to(ct)).sum(-1);
@@ -259,7 +241,6 @@ void bwd_impl(const AttnShapes& s, const at::Tensor& dout, const std::optional<a
   p.dout = make_operand<T>(tokens(dout, vl), p.Dvp, true, keep);
   at::Tensor ktb = transposed(p.k, s.Hkv, s.Tk, s.D, q.options());
   at::Tensor vtb = transposed(v_op, s.Hkv, s.Tk, s.Dv, q.options());
-  p.scale = static_cast<T>(scale);
 
   int64_t max_k_tiles = 1;
   const int64_t* ck = s.cu_k.const_data_ptr<int64_t>();

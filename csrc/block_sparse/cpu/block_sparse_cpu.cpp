@@ -140,25 +140,6 @@ BlockRows rows(const at::Tensor& counts, const at::Tensor& indices) {
           counts.size(1), counts.size(2), indices.size(3)};
 }
 
-template <class T>
-AttentionParams<T> params(const BsShapes& s, double scale) {
-  AttentionParams<T> p;
-  p.cu_q = s.cu_q.const_data_ptr<int64_t>();
-  p.cu_k = s.cu_k.const_data_ptr<int64_t>();
-  p.B = s.B;
-  p.H = s.H;
-  p.Hkv = s.Hkv;
-  p.Tq = s.Tq;
-  p.Tk = s.Tk;
-  p.D = s.D;
-  p.Dv = s.Dv;
-  p.Dp = round_up(s.D, 16);
-  p.Dvp = round_up(s.Dv, 16);
-  p.ldkt = p.ldvt = p.Tk + 16;
-  p.scale = static_cast<T>(scale);
-  return p;
-}
-
 at::Tensor tokens(const at::Tensor& x) {  // [B, S, H, C] -> [B*S, H, C]; packed stays
   return x.dim() == 3 ? x : x.reshape({-1, x.size(2), x.size(3)});
 }
@@ -179,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor> bs_fwd_cpu(const at::Tensor& q, const at::Ten
   const at::Tensor cc = counts.contiguous(), ic = indices.contiguous();
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    AttentionParams<T> p = params<T>(s, scale);
+    AttentionParams<T> p =
+        sequence_params<T>(s.cu_q, s.cu_k, s.H, s.Hkv, s.Tq, s.Tk, s.D, s.Dv, scale);
     std::vector<at::Tensor> keep;
     p.q = make_operand<T>(tokens(q), p.Dp, false, keep);
     const Operand<T> k_op = make_operand<T>(tokens(k), p.Dp, false, keep);
@@ -220,7 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bs_bwd_cpu(
   const at::Tensor cc = counts.contiguous(), ic = indices.contiguous();
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    AttentionParams<T> p = params<T>(s, scale);
+    AttentionParams<T> p =
+        sequence_params<T>(s.cu_q, s.cu_k, s.H, s.Hkv, s.Tq, s.Tk, s.D, s.Dv, scale);
     at::Tensor delta = (dout.to(ct) * out.to(ct)).sum(-1);
     if (dlse.has_value()) delta = delta - dlse->to(ct);
     delta = delta.contiguous();

@@ -251,23 +251,6 @@ at::Tensor from_tokens(const WinShapes& s, const at::Tensor& t, at::IntArrayRef 
   return x.reshape(shape).contiguous();
 }
 
-template <class T>
-AttentionParams<T> window_params(const WinShapes& s) {
-  AttentionParams<T> p;
-  p.cu_q = s.cu.const_data_ptr<int64_t>();
-  p.cu_k = p.cu_q;
-  p.B = s.B * s.G;
-  p.H = s.H;
-  p.Hkv = s.Hkv;
-  p.Tq = p.Tk = s.B * s.N;
-  p.D = s.D;
-  p.Dv = s.Dv;
-  p.Dp = round_up(s.D, 16);
-  p.Dvp = round_up(s.Dv, 16);
-  p.ldkt = p.ldvt = p.Tk + 16;
-  return p;
-}
-
 /// The user's bias table in the kernel's canonical layout [H, R0, R1, R2] indexed by
 /// (key - query) + (R - 1) / 2, times log2(e). NA tables are [H, 2k-1, ...] already indexed
 /// by key - query; Swin tables are [prod(2W-1), H] indexed by query - key (flip every axis).
@@ -307,13 +290,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const WinShapes& s, const at::Tensor
                                             const std::optional<at::Tensor>& k_pad,
                                             const std::optional<at::Tensor>& v_pad, double scale) {
   const at::ScalarType ct = compute_type(q);
-  AttentionParams<T> p = window_params<T>(s);
+  // Dilation groups are separate sequences: B * G of them, sharing the boundaries s.cu.
+  AttentionParams<T> p =
+      sequence_params<T>(s.cu, s.cu, s.H, s.Hkv, s.B * s.N, s.B * s.N, s.D, s.Dv, scale);
   std::vector<at::Tensor> keep;
   p.q = make_operand<T>(to_tokens(s, q), p.Dp, false, keep);
   // Key tiles are gathered by rows and transposed inside the kernel (no K^T pass here).
   p.k = make_operand<T>(to_tokens(s, k), p.Dp, false, keep);
   p.v = make_operand<T>(to_tokens(s, v), p.Dvp, true, keep);
-  p.scale = static_cast<T>(scale);
   at::Tensor out_t = at::empty({p.Tq, s.H, s.Dv}, q.options().dtype(ct));
   at::Tensor lse_t = at::empty({p.Tq, s.H}, q.options().dtype(ct));
   p.o = out_t.mutable_data_ptr<T>();
@@ -367,7 +351,9 @@ void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at
               const std::optional<at::Tensor>& v_pad, const at::Tensor& out,
               const at::Tensor& lse, double scale, WinGrads& g) {
   const at::ScalarType ct = compute_type(q);
-  AttentionParams<T> p = window_params<T>(s);
+  // Dilation groups are separate sequences: B * G of them, sharing the boundaries s.cu.
+  AttentionParams<T> p =
+      sequence_params<T>(s.cu, s.cu, s.H, s.Hkv, s.B * s.N, s.B * s.N, s.D, s.Dv, scale);
   at::Tensor delta = (dout.to(ct) * out.to(ct)).sum(-1);
   if (dlse.has_value()) delta = delta - dlse->to(ct);
   delta = to_tokens(s, delta.unsqueeze(-1)).squeeze(-1).contiguous();
@@ -377,7 +363,6 @@ void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at
   p.k = make_operand<T>(to_tokens(s, k), p.Dp, true, keep);
   p.v = make_operand<T>(to_tokens(s, v), p.Dvp, false, keep);
   p.dout = make_operand<T>(to_tokens(s, dout), p.Dvp, true, keep);
-  p.scale = static_cast<T>(scale);
   // Same work split as the dense backward (backward_kv_chunks).
   const int64_t items = s.H * p.B;
   int64_t max_tiles = 1;
