@@ -8,6 +8,18 @@ from tilefuse.nn import (NeighborhoodAttention1D, NeighborhoodAttention2D,
                          NeighborhoodAttention3D, WindowAttention)
 
 
+def _assert_matches_reference(m, ref, x):
+    """The kernel-backed layer and its reference-backend twin agree in output and in the
+    gradients to the input and every parameter. Returns the kernel output."""
+    out, out_ref = m(x), ref(x)
+    assert torch.allclose(out, out_ref, atol=1e-5)
+    g = torch.autograd.grad(out.square().sum(), [x] + list(m.parameters()))
+    g_ref = torch.autograd.grad(out_ref.square().sum(), [x] + list(ref.parameters()))
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    return out
+
+
 @pytest.mark.parametrize("cls,shape,kw", [
     (NeighborhoodAttention1D, (2, 40, 32), dict(kernel_size=7, dilation=2)),
     (NeighborhoodAttention2D, (2, 12, 14, 32), dict(kernel_size=5, rpb=True)),
@@ -19,13 +31,7 @@ def test_neighborhood_layers_match_reference_backend(cls, shape, kw):
     ref = cls(32, 4, backend="reference", **kw)
     ref.load_state_dict(m.state_dict())
     x = torch.randn(*shape, requires_grad=True)
-    out, out_ref = m(x), ref(x)
-    assert out.shape == x.shape
-    assert torch.allclose(out, out_ref, atol=1e-5)
-    g = torch.autograd.grad(out.square().sum(), [x] + list(m.parameters()))
-    g_ref = torch.autograd.grad(out_ref.square().sum(), [x] + list(ref.parameters()))
-    for a, b in zip(g, g_ref):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    assert _assert_matches_reference(m, ref, x).shape == x.shape
     assert "kernel_size=" in repr(m) and "backend='tilefuse'" in repr(m)
 
 
@@ -39,12 +45,7 @@ def test_window_layer_matches_reference_backend(shape, ws, shift):
     ref = WindowAttention(24, 3, ws, shift_size=shift, backend="reference")
     ref.load_state_dict(m.state_dict())
     x = torch.randn(*shape, requires_grad=True)
-    out, out_ref = m(x), ref(x)
-    assert torch.allclose(out, out_ref, atol=1e-5)
-    g = torch.autograd.grad(out.square().sum(), [x] + list(m.parameters()))
-    g_ref = torch.autograd.grad(out_ref.square().sum(), [x] + list(ref.parameters()))
-    for a, b in zip(g, g_ref):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    _assert_matches_reference(m, ref, x)
 
 
 def test_layer_bad_input():
@@ -76,12 +77,7 @@ def test_block_sparse_layer_matches_reference_backend():
                                backend="reference")
     ref.load_state_dict(m.state_dict())
     x = torch.randn(2, 150, 64, requires_grad=True)
-    out, out_ref = m(x), ref(x)
-    assert torch.allclose(out, out_ref, atol=1e-5)
-    g = torch.autograd.grad(out.square().sum(), [x] + list(m.parameters()))
-    g_ref = torch.autograd.grad(out_ref.square().sum(), [x] + list(ref.parameters()))
-    for a, b in zip(g, g_ref):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    _assert_matches_reference(m, ref, x)
     assert "topk=2" in repr(m)
     with pytest.raises(ValueError, match="pass block_mask"):
         BlockSparseAttention(64, 4)(x)
