@@ -230,27 +230,16 @@ def test_minilm_low_bit_embeddings_issue_bars():
 
 
 
-def _assert_same_grads(model, converted):
-    """Every parameter of the converted model got the original's gradient (by name)."""
-    g0 = dict(model.named_parameters())
-    for name, p in converted.named_parameters():
-        if g0[name].grad is None:
-            assert p.grad is None, name
-            continue
-        assert torch.allclose(p.grad, g0[name].grad, atol=1e-4, rtol=1e-3), name
-
-
-@pytest.mark.parametrize("img,ws", [(64, 4), (60, 4), (56, 7)], ids=["aligned", "padded", "win7"])
-def test_convert_swin_matches_original_forward_and_backward(img, ws):
-    cfg = transformers.SwinConfig(image_size=img, patch_size=4, embed_dim=24, depths=[2, 2],
-                                  num_heads=[2, 4], window_size=ws, attention_probs_dropout_prob=0.0,
-                                  hidden_dropout_prob=0.0, drop_path_rate=0.0)
-    model = transformers.SwinModel(cfg)
-    with torch.no_grad():  # non-zero biases and bias tables, so padding and rpb matter
+def _check_vision_conversion(model_cls, cfg, perturbed, img):
+    """Original and converted copies of a vision model (parameters whose names contain one of
+    `perturbed` drawn non-zero, so biases / bias tables matter) agree in the forward output and
+    in every parameter's gradient after one backward. Returns (converted model, report)."""
+    model = model_cls(cfg)
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "bias" in name:
+            if any(key in name for key in perturbed):
                 p.normal_(0, 0.5)
-    converted = transformers.SwinModel(cfg)
+    converted = model_cls(cfg)
     converted.load_state_dict(model.state_dict())
     report = tilefuse.convert(converted)
     assert len(report.replaced) == 4 and not report.left, str(report)
@@ -260,7 +249,21 @@ def test_convert_swin_matches_original_forward_and_backward(img, ws):
     assert (out0 - out1).abs().max() < 1e-4
     out0.square().sum().backward()
     out1.square().sum().backward()
-    _assert_same_grads(model, converted)
+    g0 = dict(model.named_parameters())
+    for name, p in converted.named_parameters():
+        if g0[name].grad is None:
+            assert p.grad is None, name
+            continue
+        assert torch.allclose(p.grad, g0[name].grad, atol=1e-4, rtol=1e-3), name
+    return converted, report
+
+
+@pytest.mark.parametrize("img,ws", [(64, 4), (60, 4), (56, 7)], ids=["aligned", "padded", "win7"])
+def test_convert_swin_matches_original_forward_and_backward(img, ws):
+    cfg = transformers.SwinConfig(image_size=img, patch_size=4, embed_dim=24, depths=[2, 2],
+                                  num_heads=[2, 4], window_size=ws, attention_probs_dropout_prob=0.0,
+                                  hidden_dropout_prob=0.0, drop_path_rate=0.0)
+    _check_vision_conversion(transformers.SwinModel, cfg, ("bias",), img)
 
 
 @pytest.mark.parametrize("img,ws", [(64, 4), (60, 4)], ids=["aligned", "padded"])
@@ -269,21 +272,7 @@ def test_convert_swinv2_matches_original_forward_and_backward(img, ws):
                                     num_heads=[2, 4], window_size=ws,
                                     attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
                                     drop_path_rate=0.0)
-    model = transformers.Swinv2Model(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "bias" in name or "logit_scale" in name:
-                p.normal_(0, 0.5)
-    converted = transformers.Swinv2Model(cfg)
-    converted.load_state_dict(model.state_dict())
-    report = tilefuse.convert(converted)
-    assert len(report.replaced) == 4 and not report.left, str(report)
-    x = torch.randn(2, 3, img, img)
-    out0, out1 = model(x).last_hidden_state, converted(x).last_hidden_state
-    assert (out0 - out1).abs().max() < 1e-4
-    out0.square().sum().backward()
-    out1.square().sum().backward()
-    _assert_same_grads(model, converted)
+    _check_vision_conversion(transformers.Swinv2Model, cfg, ("bias", "logit_scale"), img)
 
 
 def test_convert_dinat_matches_unfused_formulation():
@@ -294,19 +283,5 @@ def test_convert_dinat_matches_unfused_formulation():
                                    num_heads=[2, 4], kernel_size=5, dilations=[[1, 2], [1, 1]],
                                    attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
                                    drop_path_rate=0.0)
-    model = transformers.DinatModel(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "rpb" in name or "bias" in name:
-                p.normal_(0, 0.5)
-    converted = transformers.DinatModel(cfg)
-    converted.load_state_dict(model.state_dict())
-    report = tilefuse.convert(converted)
-    assert len(report.replaced) == 4 and not report.left, str(report)
+    converted, _ = _check_vision_conversion(transformers.DinatModel, cfg, ("rpb", "bias"), 64)
     assert "dilation=2" in repr(converted.encoder.levels[0].layers[1].attention.self)
-    x = torch.randn(2, 3, 64, 64)
-    out0, out1 = model(x).last_hidden_state, converted(x).last_hidden_state
-    assert (out0 - out1).abs().max() < 1e-4
-    out0.square().sum().backward()
-    out1.square().sum().backward()
-    _assert_same_grads(model, converted)
