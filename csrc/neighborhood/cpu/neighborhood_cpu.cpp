@@ -264,6 +264,38 @@ at::Tensor canonical_bias(const WinShapes& s, const at::Tensor& rpb, at::ScalarT
   return (c.to(ct) * kLog2ed).contiguous();
 }
 
+/// The inputs both passes read besides q/k/v: the bias table in the kernel's layout and the
+/// pad key/value rows in the compute type, kept alive here and wired into `x`.
+template <class T>
+struct WindowInputs {
+  at::Tensor bias, k_pad, v_pad;
+  WindowExtras<T> x;
+};
+
+template <class T>
+WindowInputs<T> window_inputs(const WinShapes& s, const std::optional<at::Tensor>& rpb,
+                              const std::optional<at::Tensor>& k_pad,
+                              const std::optional<at::Tensor>& v_pad, at::ScalarType ct) {
+  WindowInputs<T> in;
+  // Local (non-dependent) tensors: members of WindowInputs<T> would need ".template".
+  if (rpb.has_value()) {
+    const at::Tensor b = canonical_bias(s, *rpb, ct, in.x.R);
+    in.x.bias = b.const_data_ptr<T>();
+    in.bias = b;
+  }
+  if (k_pad.has_value()) {
+    const at::Tensor kp = k_pad->to(ct).contiguous();
+    in.x.k_pad = kp.const_data_ptr<T>();
+    in.k_pad = kp;
+  }
+  if (v_pad.has_value()) {
+    const at::Tensor vp = v_pad->to(ct).contiguous();
+    in.x.v_pad = vp.const_data_ptr<T>();
+    in.v_pad = vp;
+  }
+  return in;
+}
+
 at::Tensor bias_grad_to_user(const WinShapes& s, const at::Tensor& g, const at::Tensor& rpb) {
   if (s.args.kind == WindowMask::kSwin)
     return g.flip({1, 2, 3}).reshape({s.H, -1}).t().contiguous().to(rpb.scalar_type());
@@ -302,21 +334,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const WinShapes& s, const at::Tensor
   at::Tensor lse_t = at::empty({p.Tq, s.H}, q.options().dtype(ct));
   p.o = out_t.mutable_data_ptr<T>();
   p.lse = lse_t.mutable_data_ptr<T>();
-  WindowExtras<T> x;
-  at::Tensor bias, kp, vp;
-  if (rpb.has_value()) {
-    bias = canonical_bias(s, *rpb, ct, x.R);
-    x.bias = bias.const_data_ptr<T>();
-  }
-  if (k_pad.has_value()) {
-    kp = k_pad->to(ct).contiguous();
-    x.k_pad = kp.const_data_ptr<T>();
-  }
-  if (v_pad.has_value()) {
-    vp = v_pad->to(ct).contiguous();
-    x.v_pad = vp.const_data_ptr<T>();
-  }
-  run_fwd_kernel(p, s.args, x);
+  const WindowInputs<T> in = window_inputs<T>(s, rpb, k_pad, v_pad, ct);
+  run_fwd_kernel(p, s.args, in.x);
   std::vector<int64_t> out_shape = q.sizes().vec();
   out_shape.back() = s.Dv;
   at::Tensor out = from_tokens(s, out_t, out_shape);
@@ -374,23 +393,14 @@ void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at
   const GradBuffers gb = grad_buffers(p, q.options());
   p.lse_in = lse_c.const_data_ptr<T>();
   p.delta = delta.const_data_ptr<T>();
-  WindowExtras<T> x;
-  at::Tensor bias, kp, vp, dbias, dkp, dvp;
+  const WindowInputs<T> in = window_inputs<T>(s, rpb, k_pad, v_pad, ct);
+  WindowExtras<T> x = in.x;
+  at::Tensor dbias, dkp, dvp;
   if (rpb.has_value()) {
-    bias = canonical_bias(s, *rpb, ct, x.R);
-    x.bias = bias.const_data_ptr<T>();
     dbias = at::zeros({n_items, x.R[0] * x.R[1] * x.R[2]}, opts);
     x.dbias = dbias.mutable_data_ptr<T>();
   }
   const bool swin = s.args.kind == WindowMask::kSwin;
-  if (k_pad.has_value()) {
-    kp = k_pad->to(ct).contiguous();
-    x.k_pad = kp.const_data_ptr<T>();
-  }
-  if (v_pad.has_value()) {
-    vp = v_pad->to(ct).contiguous();
-    x.v_pad = vp.const_data_ptr<T>();
-  }
   if (swin) {
     dkp = at::zeros({n_items, s.D}, opts);
     dvp = at::zeros({n_items, s.Dv}, opts);
