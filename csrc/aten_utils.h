@@ -8,6 +8,11 @@
 
 namespace tilefuse {
 
+/// Compute type of the kernels (and dtype of LSE): double for float64 inputs, float otherwise.
+inline at::ScalarType compute_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 /// \brief A ParallelRunner on torch's intra-op thread pool (honours torch.set_num_threads).
 inline ParallelRunner aten_runner() {
   ParallelRunner r;

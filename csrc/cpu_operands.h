@@ -13,11 +13,6 @@
 
 namespace tilefuse {
 
-/// Compute type of the kernels: double for float64 inputs (checking), float otherwise.
-inline at::ScalarType compute_type(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 /// [Tn, H, C] -> a strided view for the kernels. Zero-copy when x already has the compute
 /// dtype and unit stride along C (and, for a GEMM B operand, C is a multiple of 16); otherwise
 /// a token-major copy, zero padded to Cp columns for B operands, kept alive in `keep`.

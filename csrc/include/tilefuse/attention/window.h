@@ -49,6 +49,14 @@ TF_HD void swin_window(index_t y, index_t Lp, index_t W, index_t shift, index_t&
   end = imin(Lp, g * W + shift);
 }
 
+/// \brief Tile of disjoint windows (Swin, blocked NA): one whole window where it fits (a window
+/// sees only itself), outer axes halved first until the tile holds at most cap tokens.
+TF_HD void fit_window_tile(const index_t* window, index_t cap, index_t* tile) {
+  for (int ax = 0; ax < 3; ++ax) tile[ax] = window[ax];
+  for (int ax = 0; ax < 3; ++ax)
+    while (tile[0] * tile[1] * tile[2] > cap && tile[ax] > 1) tile[ax] = (tile[ax] + 1) / 2;
+}
+
 /// \brief Partition of one axis [0, L) into tiles that respect window boundaries.
 /// Boundaries at phase + m * period (period 0: none) cut the axis into segments; a segment
 /// longer than `maxlen` is split into ceil(len / maxlen) near-equal pieces. When `merge` is
@@ -285,5 +293,15 @@ struct WindowMask {
     return (c0 * n[1] + c1) * n[2] + c2;
   }
 };
+
+/// True when the windows tile the grid without overlap (Swin; NA with stride == kernel on every
+/// axis, whose windows the callers store in Args::window): the tilers then keep one window per
+/// tile where it fits (fit_window_tile).
+TF_HD bool disjoint_windows(const WindowMask::Args& a) {
+  if (a.kind == WindowMask::kSwin) return true;
+  for (int ax = 0; ax < 3; ++ax)
+    if (a.stride[ax] != a.kernel[ax]) return false;
+  return true;
+}
 
 }  // namespace tilefuse
