@@ -14,6 +14,12 @@
 namespace tilefuse {
 namespace {
 
+/// Whether the tiles re-read each q / k / v row often enough (sequences of at least two query
+/// and two key tiles on average) to pay for head-major copies (make_operand).
+bool reused_rows(const AttnShapes& s) {
+  return s.B > 0 && s.Tq >= 2 * cpu::kAttnTileQ * s.B && s.Tk >= 2 * cpu::kAttnTileK * s.B;
+}
+
 template <class T>
 void run_fwd(const AttentionParams<T>& p, int64_t wl, int64_t wr) {
   const ParallelRunner r = aten_runner();
@@ -44,10 +50,11 @@ void fwd_impl(const AttnShapes& s, const at::Tensor& q, const at::Tensor& k, con
   AttentionParams<T> p =
       sequence_params<T>(s.cu_q, s.cu_k, s.H, s.Hkv, s.Tq, s.Tk, s.D, s.Dv, scale);
   std::vector<at::Tensor> keep;
-  p.q = make_operand<T>(tokens(q, s.varlen), p.Dp, false, keep);
+  const bool hm = reused_rows(s);
+  p.q = make_operand<T>(tokens(q, s.varlen), p.Dp, false, keep, hm);
   const Operand<T> k_op = make_operand<T>(tokens(k, s.varlen), p.Dp, false, keep);
   at::Tensor ktb = transposed(k_op, s.Hkv, s.Tk, s.D, q.options());
-  p.v = make_operand<T>(tokens(v, s.varlen), p.Dvp, true, keep);
+  p.v = make_operand<T>(tokens(v, s.varlen), p.Dvp, true, keep, hm);
   p.kt = ktb.const_data_ptr<T>();
   p.o = out.mutable_data_ptr<T>();
   p.lse = lse.mutable_data_ptr<T>();
@@ -98,10 +105,11 @@ void bwd_impl(const AttnShapes& s, const at::Tensor& dout, const std::optional<a
   delta = tokens(delta.unsqueeze(-1), vl).squeeze(-1).contiguous();
   at::Tensor lse_c = tokens(lse.unsqueeze(-1), vl).squeeze(-1).contiguous();
   std::vector<at::Tensor> keep;
-  p.q = make_operand<T>(tokens(q, vl), p.Dp, true, keep);
-  p.k = make_operand<T>(tokens(k, vl), p.Dp, true, keep);
+  const bool hm = reused_rows(s);
+  p.q = make_operand<T>(tokens(q, vl), p.Dp, true, keep, hm);
+  p.k = make_operand<T>(tokens(k, vl), p.Dp, true, keep, hm);
   const Operand<T> v_op = make_operand<T>(tokens(v, vl), p.Dvp, false, keep);
-  p.dout = make_operand<T>(tokens(dout, vl), p.Dvp, true, keep);
+  p.dout = make_operand<T>(tokens(dout, vl), p.Dvp, true, keep, hm);
   at::Tensor ktb = transposed(p.k, s.Hkv, s.Tk, s.D, q.options());
   at::Tensor vtb = transposed(v_op, s.Hkv, s.Tk, s.Dv, q.options());
 
