@@ -8,6 +8,10 @@
 // Included by the ISA-tier kernel files only.
 #pragma once
 #include <cstring>
+#include <type_traits>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "tilefuse/attention/window.h"
 #include "tilefuse/cpu/attention_loop.h"
@@ -61,6 +65,126 @@ void transpose_rows(const T* src, index_t lds, index_t n, index_t C, T* dst, ind
       T* d = dst + c * ldd + j0;
       const T* s = src + j0 * lds + c;
       for (index_t j = 0; j < jn; ++j) d[j] = s[j * lds];
+    }
+  }
+}
+
+/// dst[c * ldd + j] = row_ptr[j][c] for j < n8 (n8 a multiple of 8; rows past the real ones
+/// point at zeros), c < C: K^T / V^T of a key tile built straight from the token rows, with
+/// 8x8 register transposes in the avx2 tier (fp32).
+template <class T>
+void transpose_ptrs(const T* const* rows, index_t n8, index_t C, T* dst, index_t ldd) {
+  index_t c0 = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; c0 + 8 <= C; c0 += 8)
+      for (index_t j0 = 0; j0 < n8; j0 += 8) {
+        const T* const* r = rows + j0;
+        const __m256 r0 = _mm256_loadu_ps(r[0] + c0), r1 = _mm256_loadu_ps(r[1] + c0);
+        const __m256 r2 = _mm256_loadu_ps(r[2] + c0), r3 = _mm256_loadu_ps(r[3] + c0);
+        const __m256 r4 = _mm256_loadu_ps(r[4] + c0), r5 = _mm256_loadu_ps(r[5] + c0);
+        const __m256 r6 = _mm256_loadu_ps(r[6] + c0), r7 = _mm256_loadu_ps(r[7] + c0);
+        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+        const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+        const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+        const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        T* d = dst + c0 * ldd + j0;
+        _mm256_storeu_ps(d + 0 * ldd, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_storeu_ps(d + 1 * ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_storeu_ps(d + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_storeu_ps(d + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_storeu_ps(d + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_storeu_ps(d + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_storeu_ps(d + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+        _mm256_storeu_ps(d + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+      }
+  }
+#endif
+  for (index_t c = c0; c < C; ++c) {
+    T* d = dst + c * ldd;
+    for (index_t j = 0; j < n8; ++j) d[j] = rows[j][c];
+  }
+}
+
+/// 2^x for x <= 0 (softmax arguments: logits minus their row maximum): relative error ~1e-7
+/// (degree-6 minimax polynomial on [-1/2, 1/2]), x < -127 (masked: -inf) gives exactly 0 with
+/// no blend (the exponent field is then 0), NaN stays NaN. Lighter than vec.h's general exp2v
+/// (no upper clamp, one polynomial term less): the softmax of small window tiles is a third
+/// of their time.
+static inline vec_t<float> exp2_neg(vec_t<float> x) {
+  using v8f = vec_t<float>;
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  const v8f lo = splatv(-127.f);
+  const v8f xc = x < lo ? lo : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const v8f t = xc + magic;
+  const v8f f = xc - (t - magic);  // in [-1/2, 1/2]
+  v8f p = splatv(1.5337832155637443e-04f);
+  p = p * f + 1.3399862218648195e-03f;
+  p = p * f + 9.6185188740491867e-03f;
+  p = p * f + 5.5503290146589279e-02f;
+  p = p * f + 2.4022646248340607e-01f;
+  p = p * f + 6.9314718246459961e-01f;
+  p = p * f + 1.0f;
+  v8i ti;
+  std::memcpy(&ti, &t, sizeof(ti));
+  const v8i e = (ti - (0x4B400000 - 127)) << 23;
+  v8f scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+static inline vec_t<double> exp2_neg(vec_t<double> x) { return exp2v(x); }
+
+/// C[m, W cols] = sc * A B (or without sc): one-vector-wide micro-kernel for the last W
+/// columns of a tile whose width is a multiple of W but not of 2W (gemm.h works in 2W).
+template <class T, int MR, bool kScaled>
+inline void gemm_tail_block(index_t k, const T* a, index_t a_rs, index_t a_cs, const T* b,
+                            index_t ldb, T* c, index_t ldc, T sc) {
+  vec_t<T> acc[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) acc[i] = vec_t<T>{};
+  for (index_t p = 0; p < k; ++p) {
+    const vec_t<T> b0 = loadv(b + p * ldb);
+    const T* ap = a + p * a_cs;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) acc[i] += ap[i * a_rs] * b0;
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) storev(c + i * ldc, kScaled ? acc[i] * sc : acc[i]);
+}
+
+/// C[m, n] = sc * A B (kScaled) or A B, n a multiple of W (not of 2W as gemm.h needs): tiles
+/// of 49 keys are 56 columns wide instead of 64.
+template <bool kScaled, class T>
+void gemm_store_w(index_t m, index_t n, index_t k, const T* a, index_t a_rs, index_t a_cs,
+                  const T* b, index_t ldb, T* c, index_t ldc, T sc) {
+  constexpr int W = VecTraits<T>::W;
+  const index_t n2 = n / (2 * W) * (2 * W);
+  if (n2 > 0) {
+    if constexpr (kScaled)
+      gemm<GemmOut::kStoreScaled>(m, n2, k, a, a_rs, a_cs, b, ldb, c, ldc, &sc);
+    else
+      gemm<GemmOut::kStore>(m, n2, k, a, a_rs, a_cs, b, ldb, c, ldc);
+  }
+  for (index_t j = n2; j < n; j += W) {
+    index_t i = 0;
+    for (; i + 8 <= m; i += 8)
+      gemm_tail_block<T, 8, kScaled>(k, a + i * a_rs, a_rs, a_cs, b + j, ldb, c + i * ldc + j, ldc, sc);
+    const T* ai = a + i * a_rs;
+    T* ci = c + i * ldc + j;
+    switch (m - i) {
+      case 7: gemm_tail_block<T, 7, kScaled>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, sc); break;
+      case 6: gemm_tail_block<T, 6, kScaled>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, sc); break;
+      case 5: gemm_tail_block<T, 5, kScaled>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, sc); break;
+      case 4: gemm_tail_block<T, 4, kScaled>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, sc); break;
+      case 3: gemm_tail_block<T, 3, kScaled>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, sc); break;
+      case 2: gemm_tail_block<T, 2, kScaled>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, sc); break;
+      case 1: gemm_tail_block<T, 1, kScaled>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, sc); break;
+      default: break;
     }
   }
 }
@@ -281,7 +405,7 @@ void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
 /// Prefetches, for every head, the rows of the tokens of box b in operand x: one tile is
 /// processed for all heads in a row, and the heads of a token are neighbours in memory
 /// ([B, *spatial, H, D]), so the later heads' gathers then hit the cache.
-template <class T>
+template <class T, int kLocality = 3>
 void prefetch_box(const WindowMask& m, const Box& b, const Operand<T>& x, index_t base,
                   index_t heads, index_t C) {
   for (index_t c0 = b.lo[0]; c0 < b.hi[0]; ++c0)
@@ -291,14 +415,281 @@ void prefetch_box(const WindowMask& m, const Box& b, const Operand<T>& x, index_
         if (t < 0) continue;
         for (index_t h = 0; h < heads; ++h) {
           const char* r = reinterpret_cast<const char*>(x.at(h, base + t));
-          for (index_t o = 0; o < C * index_t(sizeof(T)); o += 64) __builtin_prefetch(r + o);
+          for (index_t o = 0; o < C * index_t(sizeof(T)); o += 64) __builtin_prefetch(r + o, 0, kLocality);
         }
       }
+}
+
+// ---------------------------------------------------------------------------------------
+// Single-block windows: disjoint windows (Swin, blocked NA) of at most BQ tokens. A query tile
+// is one whole window and its keys fit one key block, so a (window, head) pair is one pass
+// (no online softmax), and the mask + bias of a tile, which depends only on the tile's
+// geometry, is a cached dense tile added in the softmax pass.
+
+/// True when every query tile of the window tilers is one whole window of at most BQ tokens
+/// whose key union is one key block (disjoint windows; NA: stride == kernel on every axis).
+inline bool single_block_windows(const WindowMask::Args& a) {
+  if (!disjoint_windows(a)) return false;
+  index_t n = 1;
+  for (int ax = 0; ax < 3; ++ax) {
+    if (a.q_tile[ax] < a.window[ax]) return false;
+    n *= a.window[ax];
+  }
+  return n <= BQ;
+}
+
+/// Everything the mask and bias of a tile pair depend on: per axis the extents, the key box's
+/// offset from the query box (bias: key - query) and each query coordinate's window clipped to
+/// the key box (relative).
+inline void tile_signature(const WindowMask& m, const Box& qb, const Box& kb,
+                           std::vector<index_t>& sig) {
+  sig.clear();
+  for (int ax = 0; ax < 3; ++ax) {
+    const index_t ke = kb.extent(ax);
+    sig.push_back(qb.extent(ax));
+    sig.push_back(ke);
+    sig.push_back(kb.lo[ax] - qb.lo[ax]);
+    for (index_t xx = qb.lo[ax]; xx < qb.hi[ax]; ++xx) {
+      index_t lo, hi;
+      m.window(ax, xx, lo, hi);
+      sig.push_back(imin(ke, imax(0, lo - kb.lo[ax])));
+      sig.push_back(imin(ke, imax(0, hi - kb.lo[ax])));
+    }
+  }
+}
+
+/// Per-thread cache of dense mask + bias tiles [qm, ld] (ld = kn rounded up to 8; -inf where
+/// a key is not visible and in the ragged columns, the bias (or 0) where it is), one per
+/// signature and head, built on first use. The backward also sums dS per entry and head
+/// (bias gradient) and scatters the sums into the table when the entry is flushed.
+template <class T>
+struct MaskCache {
+  struct Entry {
+    std::vector<index_t> sig;
+    index_t qm = 0, kn = 0, ld = 0, seq = 0;
+    Box qb{}, kb{};
+    std::vector<T> tiles, dsum;
+    std::vector<char> built, dsum_used;
+  };
+  std::vector<Entry> entries;
+  std::vector<index_t> sig;
+  static constexpr size_t kMaxEntries = 64;
+};
+
+template <class T>
+void build_mask_tile(const WindowMask& m, const Box& qb, const Box& kb, const T* bias,
+                     const index_t* R, T* tile, index_t ld, index_t qm) {
+  std::fill(tile, tile + qm * ld, kNegInf<T>);
+  for_each_window_run(m, qb, kb,
+                      [&](index_t i, const index_t* x, index_t col, index_t a, index_t e,
+                          index_t c0, index_t c1) {
+                        if (e <= a) return;
+                        T* row = tile + i * ld + col;
+                        if (bias) {
+                          const T* bp = bias + bias_index(m, R, x, c0, c1, kb.lo[2] + a);
+                          for (index_t j = a; j < e; ++j) row[j] = bp[j - a];
+                        } else {
+                          std::fill(row + a, row + e, T(0));
+                        }
+                      });
+}
+
+/// The cache entry of tile pair (qb, kb) of sequence b (inserted when new; a full cache is
+/// emptied first through `flush`, which the backward uses to scatter pending dS sums).
+template <class T, class Flush>
+typename MaskCache<T>::Entry& mask_entry(MaskCache<T>& c, const WindowMask& m, index_t b,
+                                         const Box& qb, const Box& kb, index_t qm, index_t kn,
+                                         index_t H, const Flush& flush) {
+  tile_signature(m, qb, kb, c.sig);
+  for (auto& e : c.entries)
+    if (e.sig == c.sig) return e;
+  if (c.entries.size() >= MaskCache<T>::kMaxEntries) {
+    for (auto& e : c.entries) flush(e);
+    c.entries.clear();
+  }
+  auto& e = c.entries.emplace_back();
+  e.sig = c.sig;
+  e.qm = qm;
+  e.kn = kn;
+  e.ld = round_up(kn, 8);
+  e.seq = b;
+  e.qb = qb;
+  e.kb = kb;
+  e.tiles.resize(H * qm * e.ld);
+  e.built.assign(H, 0);
+  return e;
+}
+
+template <class T>
+const T* mask_tile_of(typename MaskCache<T>::Entry& e, const WindowMask& m, const T* bias,
+                      const index_t* R, index_t h) {
+  T* t = e.tiles.data() + h * e.qm * e.ld;
+  if (!e.built[h]) {
+    build_mask_tile(m, e.qb, e.kb, bias, R, t, e.ld, e.qm);
+    e.built[h] = 1;
+  }
+  return t;
+}
+
+template <class T>
+struct SingleFwdScratch {
+  std::vector<T> S, O, Qg, KT, Vg, l, mx, zeros;
+  std::vector<index_t> qtok, ktok;
+  std::vector<const T*> rows;
+  MaskCache<T> cache;
+};
+
+template <class T>
+SingleFwdScratch<T> single_fwd_scratch(const AttentionParams<T>& p) {
+  SingleFwdScratch<T> s;
+  s.S.resize(BQ * BK);
+  s.O.resize(BQ * p.Dvp);
+  s.Qg.resize(BQ * p.Dp);
+  s.KT.assign(p.Dp * BK, T(0));
+  s.Vg.resize(BK * p.Dvp);
+  s.l.resize(BQ);
+  s.mx.resize(BQ);
+  s.zeros.assign(imax(p.Dp, p.Dvp), T(0));
+  s.qtok.resize(BQ);
+  s.ktok.resize(BK);
+  s.rows.resize(BK);
+  return s;
+}
+
+/// Points rows[j] at the K (or V) row of key token ktok[j] of kv head hk, at `pad` for padding
+/// keys and at zeros for j in [kn, n).
+template <class T>
+void key_row_ptrs(const Operand<T>& op, index_t hk, index_t kbeg, const index_t* ktok,
+                  index_t kn, index_t n, const T* pad, const T* zeros, const T** rows) {
+  for (index_t j = 0; j < kn; ++j) rows[j] = ktok[j] >= 0 ? op.at(hk, kbeg + ktok[j]) : pad;
+  for (index_t j = kn; j < n; ++j) rows[j] = zeros;
+}
+
+/// Softmax of one single-block logits tile in place: S += tile (mask + bias), P = exp2(S -
+/// rowmax); l = row sums, mx = row maxima (-inf and l = 0 for rows without a visible key).
+template <class T>
+void single_softmax(T* S, const T* tile, index_t qm, index_t ld, T* l, T* mx) {
+  constexpr int W = VecTraits<T>::W;
+  for (index_t i = 0; i < qm; ++i) {  // S += mask/bias tile, row maxima
+    T* row = S + i * ld;
+    const T* t = tile + i * ld;
+    vec_t<T> mv = splatv(kNegInf<T>);
+    for (index_t j = 0; j < ld; j += W) {
+      const vec_t<T> v = loadv(row + j) + loadv(t + j);
+      storev(row + j, v);
+      mv = vmax<T>(mv, v);
+    }
+    mx[i] = hmax<T>(mv);
+  }
+  // exp2 of two rows per step: the polynomial is one long dependency chain per vector, and
+  // two independent rows keep both FMA pipes busy.
+  index_t i = 0;
+  for (; i + 2 <= qm; i += 2) {
+    T *r0 = S + i * ld, *r1 = r0 + ld;
+    const T m0 = mx[i] == kNegInf<T> ? T(0) : mx[i];
+    const T m1 = mx[i + 1] == kNegInf<T> ? T(0) : mx[i + 1];
+    vec_t<T> s0{}, s1{};
+    for (index_t j = 0; j < ld; j += W) {
+      const vec_t<T> e0 = exp2_neg(loadv(r0 + j) - m0), e1 = exp2_neg(loadv(r1 + j) - m1);
+      storev(r0 + j, e0);
+      storev(r1 + j, e1);
+      s0 += e0;
+      s1 += e1;
+    }
+    l[i] = hsum<T>(s0);
+    l[i + 1] = hsum<T>(s1);
+  }
+  for (; i < qm; ++i) {
+    T* r0 = S + i * ld;
+    const T m0 = mx[i] == kNegInf<T> ? T(0) : mx[i];
+    vec_t<T> s0{};
+    for (index_t j = 0; j < ld; j += W) {
+      const vec_t<T> e0 = exp2_neg(loadv(r0 + j) - m0);
+      storev(r0 + j, e0);
+      s0 += e0;
+    }
+    l[i] = hsum<T>(s0);
+  }
+  // A row without a visible key is all -inf: exp2 gives exact zeros (P = 0, l = 0).
+}
+
+/// One window (query tile qt of sequence b), every head.
+template <class T>
+void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
+                     const WindowExtras<T>& x, index_t b, index_t qt, SingleFwdScratch<T>& s) {
+  const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
+  const WindowMask m = WindowMask::make(args, b);
+  const Box qb = m.query_tile(qt), kb = m.key_union(qb);
+  index_t *qtok = s.qtok.data(), *ktok = s.ktok.data();
+  const index_t qm = box_tokens(m, qb, qtok), kn = box_tokens(m, kb, ktok);
+  auto& e = mask_entry(s.cache, m, b, qb, kb, qm, kn, p.H, [](auto&) {});
+  const index_t ld = e.ld;
+  const T c2 = p.scale * T(kLog2ed);
+  const index_t Rn = x.R[0] * x.R[1] * x.R[2];
+  for (index_t h = 0; h < p.H; ++h) {
+    const index_t hk = h / (p.H / p.Hkv);
+    for (index_t i = 0; i < qm; ++i) copy_short(s.Qg.data() + i * p.Dp, p.q.at(h, qbeg + qtok[i]), p.D);
+    const T* kpad = x.k_pad ? x.k_pad + hk * p.D : s.zeros.data();
+    key_row_ptrs(p.k, hk, kbeg, ktok, kn, ld, kpad, s.zeros.data(), s.rows.data());
+    transpose_ptrs(s.rows.data(), ld, p.D, s.KT.data(), ld);
+    const T* vpad = x.v_pad ? x.v_pad + hk * p.Dv : nullptr;
+    gather_rows<T>(ktok, kn, p.Dvp, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad, p.Dv,
+                   s.Vg.data(), p.Dvp);
+    T* S = s.S.data();
+    gemm_store_w<true>(qm, ld, p.D, s.Qg.data(), p.Dp, 1, s.KT.data(), ld, S, ld, c2);
+    const T* tile = mask_tile_of<T>(e, m, x.bias ? x.bias + h * Rn : nullptr, x.R, h);
+    single_softmax(S, tile, qm, ld, s.l.data(), s.mx.data());
+    gemm<GemmOut::kStore>(qm, p.Dvp, kn, S, ld, 1, s.Vg.data(), p.Dvp, s.O.data(), p.Dvp);
+    for (index_t i = 0; i < qm; ++i) {
+      const index_t t = qbeg + qtok[i];
+      T* orow = p.o + (t * p.H + h) * p.Dv;
+      const T l = s.l[i];
+      if (l == 0) {  // no visible key: output 0, LSE -inf (documented)
+        std::fill(orow, orow + p.Dv, T(0));
+        p.lse[t * p.H + h] = kNegInf<T>;
+        continue;
+      }
+      const T inv = T(1) / l;
+      const T* O = s.O.data() + i * p.Dvp;
+      for (index_t c = 0; c < p.Dv; ++c) orow[c] = O[c] * inv;
+      p.lse[t * p.H + h] = (s.mx[i] + std::log2(l)) * T(kLn2d);
+    }
+  }
 }
 
 template <class T>
 void window_fwd(const AttentionParams<T>& p, const WindowMask::Args& args,
                 const WindowExtras<T>& x, const ParallelRunner& r) {
+  if (single_block_windows(args)) {
+    std::vector<index_t> tile_start(p.B + 1, 0);
+    for (index_t b = 0; b < p.B; ++b)
+      tile_start[b + 1] = tile_start[b] + WindowMask::make(args, b).num_query_tiles();
+    const SingleFwdScratch<T> proto = single_fwd_scratch(p);
+    const index_t tiles = tile_start[p.B];
+    // Items are runs of consecutive windows, so that each window's rows can be prefetched
+    // (every head) while the previous window computes: the rows of a small window are a
+    // handful of short runs, too short for the hardware prefetchers.
+    const index_t per = imax(1, imin(8, tiles / imax(1, 8 * r.num_threads)));
+    for_each_item(r, ceil_div(tiles, per), proto, [&](index_t it, SingleFwdScratch<T>& s) {
+      for (index_t t = it * per; t < imin(tiles, (it + 1) * per); ++t) {
+        if (t + 1 < tiles) {
+          index_t b = 0;
+          while (tile_start[b + 1] <= t + 1) ++b;
+          const WindowMask m = WindowMask::make(args, b);
+          const Box qb = m.query_tile(t + 1 - tile_start[b]);
+          const Box ku = m.key_union(qb);
+          // Into L2 (a window's rows for every head exceed L1).
+          prefetch_box<T, 2>(m, qb, p.q, p.cu_q[b], p.H, p.D);
+          prefetch_box<T, 2>(m, ku, p.k, p.cu_k[b], p.Hkv, p.D);
+          prefetch_box<T, 2>(m, ku, p.v, p.cu_k[b], p.Hkv, p.Dv);
+        }
+        index_t b = 0;
+        while (tile_start[b + 1] <= t) ++b;
+        single_fwd_tile(p, args, x, b, t - tile_start[b], s);
+      }
+    });
+    return;
+  }
   std::vector<index_t> tile_start(p.B + 1, 0);
   for (index_t b = 0; b < p.B; ++b)
     tile_start[b + 1] = tile_start[b] + WindowMask::make(args, b).num_query_tiles();
