@@ -52,6 +52,7 @@ void mask_tile(const Mask& mask, int state, T* S, index_t qm, index_t kn, index_
 template <class T>
 struct FwdScratch {
   std::vector<T> S, O, m, l, alpha;
+  std::vector<T> mold, rsum;  // per-step temporaries of the softmax (previous max, row sums)
   // Gathered operands of spatial tiles (unused by contiguous tiles).
   std::vector<T> Qg, Kg, KTg, Vg;
   std::vector<index_t> qtok, ktok;
@@ -85,26 +86,56 @@ void fwd_step(const AttentionParams<T>& p, const T* Q, index_t ldq, index_t i0, 
   const index_t kn16 = round_up(kn, 16);
   gemm<GemmOut::kStoreScaled>(qm, kn16, p.D, Q, ldq, 1, KT, ldkt, S, BK, &c2);
   mask(S, kn, kn16);
+  T* mold = s.mold.data();
+  T* rsum = s.rsum.data();
   for (index_t i = 0; i < qm; ++i) {
     T* row = S + i * BK;
-    vec_t<T> mx = splatv(kNegInf<T>);
-    for (index_t j = 0; j < kn16; j += W) mx = vmax<T>(mx, loadv(row + j));
-    const T rmax = hmax<T>(mx);
+    vec_t<T> mx0 = splatv(kNegInf<T>), mx1 = mx0;
+    index_t j = 0;
+    for (; j + 2 * W <= kn16; j += 2 * W) {
+      mx0 = vmax<T>(mx0, loadv(row + j));
+      mx1 = vmax<T>(mx1, loadv(row + j + W));
+    }
+    for (; j < kn16; j += W) mx0 = vmax<T>(mx0, loadv(row + j));
+    const T rmax = hmax<T>(vmax<T>(mx0, mx1));
     const T mnew = rmax > m[i] ? rmax : m[i];
+    mold[i] = m[i];
+    m[i] = mnew;
     if (mnew == kNegInf<T>) {  // every key so far masked for this row
-      alpha[i] = 1;
       std::fill(row, row + kn16, T(0));
+      rsum[i] = 0;
       continue;
     }
-    alpha[i] = std::exp2(m[i] - mnew);
-    vec_t<T> sum{};
-    for (index_t j = 0; j < kn16; j += W) {
-      const vec_t<T> e = exp2v(loadv(row + j) - mnew);
-      storev(row + j, e);
-      sum += e;
+    const vec_t<T> mv = splatv(mnew);
+    vec_t<T> s0{}, s1{};
+    for (j = 0; j + 2 * W <= kn16; j += 2 * W) {  // two chains: the exp is throughput-bound
+      const vec_t<T> e0 = exp2v_nonpos(loadv(row + j) - mv);
+      const vec_t<T> e1 = exp2v_nonpos(loadv(row + j + W) - mv);
+      storev(row + j, e0);
+      storev(row + j + W, e1);
+      s0 += e0;
+      s1 += e1;
     }
-    l[i] = l[i] * alpha[i] + hsum<T>(sum);
-    m[i] = mnew;
+    for (; j < kn16; j += W) {
+      const vec_t<T> e0 = exp2v_nonpos(loadv(row + j) - mv);
+      storev(row + j, e0);
+      s0 += e0;
+    }
+    rsum[i] = hsum<T>(s0 + s1);
+  }
+  // alpha = 2^(m_old - m_new) (1 while a row has seen no key), l = alpha l + rowsum: W rows at
+  // a time, then the last rows one by one (rows past qm may belong to another part of the tile).
+  const vec_t<T> ninf = splatv(kNegInf<T>), one = splatv(T(1));
+  index_t i = 0;
+  for (; i + W <= qm; i += W) {
+    const vec_t<T> mn = loadv(m + i);
+    const vec_t<T> a = mn == ninf ? one : exp2v_nonpos(loadv(mold + i) - mn);
+    storev(alpha + i, a);
+    storev(l + i, loadv(l + i) * a + loadv(rsum + i));
+  }
+  for (; i < qm; ++i) {
+    alpha[i] = m[i] == kNegInf<T> ? T(1) : std::exp2(mold[i] - m[i]);
+    l[i] = l[i] * alpha[i] + rsum[i];
   }
   gemm<GemmOut::kScaleAccumulate>(qm, p.Dvp, kn, S, BK, 1, V, ldv, O, p.Dvp, alpha);
 }
@@ -229,9 +260,7 @@ FwdScratch<T> fwd_scratch(const AttentionParams<T>& p, bool gathered) {
   FwdScratch<T> s;
   s.S.resize(BQ * BK);
   s.O.resize(BQ * p.Dvp);
-  s.m.resize(BQ);
-  s.l.resize(BQ);
-  s.alpha.resize(BQ);
+  for (std::vector<T>* r : {&s.m, &s.l, &s.alpha, &s.mold, &s.rsum}) r->resize(BQ);
   if (gathered) {
     s.Qg.resize(BQ * p.Dp);
     s.Kg.resize(BK * p.Dp);

@@ -54,6 +54,25 @@ static inline T hsum(vec_t<T> v) {
   for (int i = 0; i < VecTraits<T>::W; ++i) s += v[i];
   return s;
 }
+// fp32: three shuffle steps instead of seven lane extractions.
+typedef int32_t vec_i32 __attribute__((vector_size(32)));
+template <>
+inline float hmax<float>(vec_t<float> v) {
+  vec_t<float> a = __builtin_shuffle(v, vec_i32{4, 5, 6, 7, 0, 1, 2, 3});
+  v = v > a ? v : a;
+  a = __builtin_shuffle(v, vec_i32{2, 3, 0, 1, 6, 7, 4, 5});
+  v = v > a ? v : a;
+  a = __builtin_shuffle(v, vec_i32{1, 0, 3, 2, 5, 4, 7, 6});
+  v = v > a ? v : a;
+  return v[0];
+}
+template <>
+inline float hsum<float>(vec_t<float> v) {
+  v += __builtin_shuffle(v, vec_i32{4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, vec_i32{2, 3, 0, 1, 6, 7, 4, 5});
+  v += __builtin_shuffle(v, vec_i32{1, 0, 3, 2, 5, 4, 7, 6});
+  return v[0];
+}
 
 /// \brief 2^x for 8 floats, relative error < 2e-7 over the normal range. x < -127 gives
 /// exactly 0 (so masked logits of -inf vanish); NaN stays NaN.
@@ -85,11 +104,45 @@ static inline vec_t<float> exp2v(vec_t<float> x) {
   return x < lo ? v8f{} : r;
 }
 
+/// \brief 2^x for x <= 0 (softmax numerators: logits minus their row maximum): exp2v without
+/// the upper clamp and the final select. Clamping at -127 already gives exactly 0 (the scale's
+/// exponent field is 0), so -inf and x < -127 map to 0; NaN propagates (maxps returns its
+/// second operand when one is NaN). Same polynomial, bit-identical to exp2v on x <= 0.
+static inline vec_t<float> exp2v_nonpos(vec_t<float> x) {
+  using v8f = vec_t<float>;
+  typedef int32_t v8i __attribute__((vector_size(32)));
+#if defined(__AVX__)
+  const v8f xc = __builtin_ia32_maxps256(splatv(-127.f), x);
+#else
+  const v8f lo = splatv(-127.f);
+  const v8f xc = x < lo ? lo : x;  // NaN: the comparison is false, x is kept
+#endif
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const v8f t = xc + magic;
+  const v8f n = t - magic;
+  const v8f f = xc - n;
+  v8f p = splatv(1.5252733804059840e-05f);
+  p = p * f + 1.5403530393381609e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.6181291076284772e-03f;
+  p = p * f + 5.5504108664821580e-02f;
+  p = p * f + 2.4022650695910071e-01f;
+  p = p * f + 6.9314718055994531e-01f;
+  p = p * f + 1.0f;
+  v8i ti;
+  std::memcpy(&ti, &t, sizeof(ti));
+  const v8i e = (ti - 0x4B400000 + 127) << 23;
+  v8f scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
 /// \brief 2^x for 4 doubles: libm per lane (the fp64 path is for checking, not speed).
 static inline vec_t<double> exp2v(vec_t<double> x) {
   vec_t<double> r;
   for (int i = 0; i < 4; ++i) r[i] = std::exp2(x[i]);
   return r;
 }
+static inline vec_t<double> exp2v_nonpos(vec_t<double> x) { return exp2v(x); }
 
 }  // namespace tilefuse::cpu
