@@ -224,9 +224,9 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   at::Tensor out = at::empty({M, w.N}, x2.options());
   const bool a = avx2();
   if (a) cpu::avx2::linear_4bit_prepare_x(x2.const_data_ptr<float>(), M, w.K, w.K,
-                                          xp.mutable_data_ptr<float>(), Kp, w.fmt);
+                                          xp.mutable_data_ptr<float>(), Kp, w.fmt, w.block);
   else cpu::generic::linear_4bit_prepare_x(x2.const_data_ptr<float>(), M, w.K, w.K,
-                                           xp.mutable_data_ptr<float>(), Kp, w.fmt);
+                                           xp.mutable_data_ptr<float>(), Kp, w.fmt, w.block);
   cpu::Linear4bitParams p;
   p.w = w;
   p.xp = xp.const_data_ptr<float>();

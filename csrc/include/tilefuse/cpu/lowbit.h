@@ -71,8 +71,9 @@ struct Fourbit {
   }
 };
 
-/// Row stride of the prepared activations: Kp values (permuted / zero padded), then the Kp / 32
-/// sums of each 32-chunk (used by the int4 zero-point correction).
+/// Row stride of the prepared activations: Kp values (permuted, for the int4 GEMV also scaled
+/// by powers of two; zero padded), then the Kp / 32 sums of each 32-chunk of x itself (used by
+/// the int4 zero-point correction).
 TF_HD index_t linear_4bit_ldxp(index_t Kp) { return Kp + Kp / 32; }
 
 /// \brief out[M, N] = x[M, K] . dequant(w)^T + bias, fp32 accumulation. xp is x prepared by
@@ -101,7 +102,7 @@ constexpr index_t kLinear4bitTileN = 16;
                            uint8_t* q, float* absmax, index_t b_begin, index_t b_end);       \
   void dequantize_4bit(const Fourbit& w, float* out, index_t e_begin, index_t e_end);        \
   void linear_4bit_prepare_x(const float* x, index_t M, index_t K, index_t ldx, float* xp,   \
-                             index_t Kp, lowbit::Fmt4 fmt);                                  \
+                             index_t Kp, lowbit::Fmt4 fmt, index_t block);                   \
   void linear_4bit(const Linear4bitParams& p, index_t n_begin, index_t n_end);               \
   bool linear_4bit_gemv(const Linear4bitParams& p, index_t n_begin, index_t n_end);          \
   }

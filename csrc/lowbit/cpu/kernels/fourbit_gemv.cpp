@@ -1,12 +1,19 @@
 // SPDX-License-Identifier: Apache-2.0
 // Fused 4-bit GEMV for up to 8 activation rows (decode, the batch-1..8 case of LLM decoding):
-// each weight row is streamed once, decoded 32 codes at a time into registers and multiplied
-// with the (permuted) activation rows; nothing goes through memory. Each block's unscaled
-// partial sums are folded into the totals with one FMA per accumulator when the block ends
-// (scaling every decoded weight instead costs one more multiply per 8 weights on the ports
-// the decoder's shuffles share; reducing the partial sums first puts adds on the critical
-// path), and int4's zero point becomes -zero * scale * sum(x over the block), from the chunk
-// sums that linear_4bit_prepare_x stores after each activation row.
+// each weight row is streamed once, decoded into registers and multiplied with the (permuted)
+// activation rows; nothing goes through memory. Three loops, one per activation layout
+// (XLayout, chosen by x_layout() for prepare_x and here alike):
+// - kChunk64 (nf4 / fp4 / e2m1, K % 64 == 0, block >= 64): 64 codes per step (decode64);
+//   the 8 products per row are summed as a short tree (multiplies, then FMAs, then adds, so no
+//   accumulator chain crosses steps) and folded into the total with one FMA by the block
+//   scale. Each step is independent of the previous one except for that fold, which alternates
+//   between two totals.
+// - kInt4: 32 codes per step through the shuffle-free decode32_int4, same tree and fold; the
+//   zero point becomes -zero * scale * sum(x over the block), added once per row from block
+//   sums of x when blocks do not span rows (vectorised over blocks), else per chunk.
+// - kChunk32 (the table formats with block 32 or K % 64 != 0): decode32, unscaled partial sums
+//   per block folded when the block ends.
+// Software prefetch 1 KiB ahead (rows are consecutive, so it runs into the next rows).
 #include "tilefuse/cpu/lowbit_decode.h"
 
 namespace tilefuse::cpu::TF_ISA_NS {
@@ -96,6 +103,129 @@ void gemv_row(const Linear4bitParams& p, const Planes& t, index_t n, index_t m0,
   }
 }
 
+/// Sum of the NA accumulators (a short tree).
+template <int NA>
+TF_LOWBIT_INLINE __m256 tree_sum(const __m256* a) {
+  if constexpr (NA == 1) return a[0];
+  else if constexpr (NA == 2) return _mm256_add_ps(a[0], a[1]);
+  else return _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+}
+
+/// sum_j d[j] * x[8 j ..] for ND vectors as NA chains (multiply first, then FMAs) and a tree.
+template <int ND, int NA>
+TF_LOWBIT_INLINE __m256 dot_part(const __m256* d, const float* x) {
+  __m256 acc[NA];
+  for (int j = 0; j < ND; ++j) {
+    const __m256 xv = _mm256_loadu_ps(x + 8 * j);
+    if (j < NA) acc[j] = _mm256_mul_ps(d[j], xv);
+    else acc[j % NA] = _mm256_fmadd_ps(d[j], xv, acc[j % NA]);
+  }
+  return tree_sum<NA>(acc);
+}
+
+template <int MR>
+inline void store_rows(const Linear4bitParams& p, index_t n, index_t m0, const __m256 (*tot)[2],
+                       const float* corr) {
+  for (int i = 0; i < MR; ++i) {
+    float v = hsum8(_mm256_add_ps(tot[i][0], tot[i][1])) + corr[i];
+    if (p.bias != nullptr) v += p.bias[n];
+    p.out[(m0 + i) * p.w.N + n] = v;
+  }
+}
+
+/// kChunk64: out[m0 .. m0 + MR, n] for the table formats.
+template <int MR, int NP>
+void gemv64_row(const Linear4bitParams& p, const Planes& t, index_t n, index_t m0, int lb) {
+  const Fourbit& w = p.w;
+  constexpr int NA = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+  const index_t f0 = n * w.K;
+  const uint8_t* src = w.packed + (f0 >> 1);
+  const float* xr[MR];
+  __m256 tot[MR][2];
+  float corr[MR];
+  for (int i = 0; i < MR; ++i) {
+    xr[i] = p.xp + (m0 + i) * p.ldxp;
+    tot[i][0] = tot[i][1] = _mm256_setzero_ps();
+    corr[i] = 0.0f;
+  }
+  auto step = [&](index_t k, int h) __attribute__((always_inline)) {
+    if ((k & 127) == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(src + (k >> 1)) + 1024, _MM_HINT_T0);
+    __m256 d[8];
+    decode64<NP>(t, src + (k >> 1), d);
+    const __m256 sv = _mm256_set1_ps(w.scale((f0 + k) >> lb) * t.mult);
+    for (int i = 0; i < MR; ++i)
+      tot[i][h] = _mm256_fmadd_ps(dot_part<8, NA>(d, xr[i] + k), sv, tot[i][h]);
+  };
+  index_t k = 0;
+  for (; k + 128 <= w.K; k += 128) {
+    step(k, 0);
+    step(k + 64, 1);
+  }
+  if (k < w.K) step(k, 0);
+  store_rows<MR>(p, n, m0, tot, corr);
+}
+
+/// kInt4: out[m0 .. m0 + MR, n]. kAligned: K % block == 0 (no block spans rows), so the
+/// prepared row holds block sums of x instead of chunk sums (see linear_4bit_prepare_x).
+template <int MR, bool kAligned>
+void gemv_int4_row(const Linear4bitParams& p, index_t n, index_t m0, int lb) {
+  const Fourbit& w = p.w;
+  constexpr int NA = MR == 1 ? 2 : 1;
+  const index_t f0 = n * w.K;
+  const uint8_t* src = w.packed + (f0 >> 1);
+  const float* xr[MR];
+  __m256 tot[MR][2];
+  float corr[MR];
+  for (int i = 0; i < MR; ++i) {
+    xr[i] = p.xp + (m0 + i) * p.ldxp;
+    tot[i][0] = tot[i][1] = _mm256_setzero_ps();
+    corr[i] = 0.0f;
+  }
+  auto step = [&](index_t k, int h) __attribute__((always_inline)) {
+    if ((k & 127) == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(src + (k >> 1)) + 1024, _MM_HINT_T0);
+    const Decoded d = decode32_int4(src + (k >> 1));
+    const index_t b = (f0 + k) >> lb;
+    const float s = w.scale(b);
+    const __m256 sv = _mm256_set1_ps(s);
+    for (int i = 0; i < MR; ++i) {
+      tot[i][h] = _mm256_fmadd_ps(dot_part<4, NA>(d.f, xr[i] + k), sv, tot[i][h]);
+      if constexpr (!kAligned)
+        corr[i] -= static_cast<float>(w.zero[b]) * s * xr[i][p.Kp + (k >> 5)];
+    }
+  };
+  index_t k = 0;
+  for (; k + 64 <= w.K; k += 64) {
+    step(k, 0);
+    step(k + 32, 1);
+  }
+  if (k < w.K) step(k, 0);
+  if constexpr (kAligned) {
+    // -sum_b zero[b] * scale[b] * xsum[b] over the row's blocks.
+    const index_t nb = w.K >> lb, b0 = f0 >> lb;
+    index_t i0 = 0;
+    if (w.qabsmax == nullptr) {
+      __m256 c[MR];
+      for (int i = 0; i < MR; ++i) c[i] = _mm256_setzero_ps();
+      for (; i0 + 8 <= nb; i0 += 8) {
+        const __m256 zs = _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero + b0 + i0)))),
+            _mm256_loadu_ps(w.absmax + b0 + i0));
+        for (int i = 0; i < MR; ++i)
+          c[i] = _mm256_fmadd_ps(zs, _mm256_loadu_ps(xr[i] + p.Kp + i0), c[i]);
+      }
+      for (int i = 0; i < MR; ++i) corr[i] -= hsum8(c[i]);
+    }
+    for (; i0 < nb; ++i0) {
+      const float zs = static_cast<float>(w.zero[b0 + i0]) * w.scale(b0 + i0);
+      for (int i = 0; i < MR; ++i) corr[i] -= zs * xr[i][p.Kp + i0];
+    }
+  }
+  store_rows<MR>(p, n, m0, tot, corr);
+}
+
 template <int NP>
 void gemv_rows(const Linear4bitParams& p, const Planes& t, index_t n_begin, index_t n_end, int lb) {
   for (index_t n = n_begin; n < n_end; ++n) {
@@ -111,18 +241,60 @@ void gemv_rows(const Linear4bitParams& p, const Planes& t, index_t n_begin, inde
   }
 }
 
+template <int NP>
+void gemv64_rows(const Linear4bitParams& p, const Planes& t, index_t n_begin, index_t n_end,
+                 int lb) {
+  for (index_t n = n_begin; n < n_end; ++n) {
+    for (index_t m0 = 0; m0 < p.M; m0 += 4) {
+      switch (imin(4, p.M - m0)) {
+        case 1: gemv64_row<1, NP>(p, t, n, m0, lb); break;
+        case 2: gemv64_row<2, NP>(p, t, n, m0, lb); break;
+        case 3: gemv64_row<3, NP>(p, t, n, m0, lb); break;
+        default: gemv64_row<4, NP>(p, t, n, m0, lb); break;
+      }
+    }
+  }
+}
+
+template <bool kAligned>
+void gemv_int4_rows(const Linear4bitParams& p, index_t n_begin, index_t n_end, int lb) {
+  for (index_t n = n_begin; n < n_end; ++n) {
+    for (index_t m0 = 0; m0 < p.M; m0 += 4) {
+      switch (imin(4, p.M - m0)) {
+        case 1: gemv_int4_row<1, kAligned>(p, n, m0, lb); break;
+        case 2: gemv_int4_row<2, kAligned>(p, n, m0, lb); break;
+        case 3: gemv_int4_row<3, kAligned>(p, n, m0, lb); break;
+        default: gemv_int4_row<4, kAligned>(p, n, m0, lb); break;
+      }
+    }
+  }
+}
+
 }  // namespace
 #endif
 
 bool linear_4bit_gemv(const Linear4bitParams& p, index_t n_begin, index_t n_end) {
 #ifdef __AVX2__
-  if (p.M > 8 || !fast_layout(p.w.K)) return false;
-  const Planes planes(p.w.fmt);
+  if (p.M > kGemvMaxM) return false;
+  const XLayout layout = x_layout(p.M, p.w.K, p.w.block, p.w.fmt);
   const int lb = log2_pow2(p.w.block);
+  if (layout == XLayout::kInt4) {
+    if (p.w.K % p.w.block == 0) gemv_int4_rows<true>(p, n_begin, n_end, lb);
+    else gemv_int4_rows<false>(p, n_begin, n_end, lb);
+    return true;
+  }
+  if (layout != XLayout::kChunk64 && layout != XLayout::kChunk32) return false;
+  const Planes planes(p.w.fmt);
+  const bool c64 = layout == XLayout::kChunk64;
   switch (planes.nplanes) {
-    case 0: gemv_rows<0>(p, planes, n_begin, n_end, lb); break;
-    case 2: gemv_rows<2>(p, planes, n_begin, n_end, lb); break;
-    default: gemv_rows<4>(p, planes, n_begin, n_end, lb); break;
+    case 2:
+      if (c64) gemv64_rows<2>(p, planes, n_begin, n_end, lb);
+      else gemv_rows<2>(p, planes, n_begin, n_end, lb);
+      break;
+    default:
+      if (c64) gemv64_rows<4>(p, planes, n_begin, n_end, lb);
+      else gemv_rows<4>(p, planes, n_begin, n_end, lb);
+      break;
   }
   return true;
 #else

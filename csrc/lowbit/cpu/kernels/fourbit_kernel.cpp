@@ -111,27 +111,47 @@ void transpose_panel(const float* wrow, index_t kcp, float* wt) {
 }  // namespace
 
 void linear_4bit_prepare_x(const float* x, index_t M, index_t K, index_t ldx, float* xp,
-                           index_t Kp, lowbit::Fmt4 fmt) {
+                           index_t Kp, lowbit::Fmt4 fmt, index_t block) {
   const index_t ldxp = linear_4bit_ldxp(Kp);
+  const XLayout layout = x_layout(M, K, block, fmt);
   for (index_t m = 0; m < M; ++m) {
     const float* src = x + m * ldx;
     float* dst = xp + m * ldxp;
-    if (kPermutes && fast_layout(K)) {
+    switch (layout) {
 #ifdef __AVX2__
-      for (index_t k = 0; k < K; k += 32)
-        for (int i = 0; i < 32; ++i) dst[k + i] = src[k + permuted_source(i, fmt)];
+      case XLayout::kChunk32:
+        for (index_t k = 0; k < K; k += 32)
+          for (int i = 0; i < 32; ++i) dst[k + i] = src[k + permuted_source(i, fmt)];
+        break;
+      case XLayout::kChunk64:
+        for (index_t k = 0; k < K; k += 64)
+          for (int i = 0; i < 64; ++i) dst[k + i] = src[k + perm64_source(i)];
+        break;
+      case XLayout::kInt4:
+        for (index_t k = 0; k < K; k += 32)
+          for (int i = 0; i < 32; ++i) {
+            int e = 0;
+            const int j = int4_slot(i, &e);
+            dst[k + i] = std::ldexp(src[k + j], -e);
+          }
+        break;
 #endif
-    } else {
-      (void)fmt;
-      std::memcpy(dst, src, static_cast<size_t>(K) * sizeof(float));
+      default:
+        std::memcpy(dst, src, static_cast<size_t>(K) * sizeof(float));
+        break;
     }
     for (index_t k = K; k < Kp; ++k) dst[k] = 0.0f;
-    for (index_t c = 0; c < Kp / 32; ++c) {
+    // Sums of x itself (not of the scaled kInt4 values) per 32-chunk, or per block for the int4
+    // GEMV when no block spans rows (its zero-point term is then one dot product per row).
+    const index_t seg = layout == XLayout::kInt4 && K % block == 0 ? block : 32;
+    for (index_t c = 0; c < Kp / 32; ++c) dst[Kp + c] = 0.0f;
+    for (index_t c = 0; c * seg < K; ++c) {
       float sum = 0.0f;
-      for (int i = 0; i < 32; ++i) sum += dst[32 * c + i];
+      for (index_t i = seg * c; i < imin(K, seg * c + seg); ++i) sum += src[i];
       dst[Kp + c] = sum;
     }
   }
+  (void)fmt;
 }
 
 void linear_4bit(const Linear4bitParams& p, index_t n_begin, index_t n_end) {
