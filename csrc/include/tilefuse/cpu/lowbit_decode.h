@@ -49,6 +49,7 @@ enum class XLayout {
   kChunk32,  ///< decode32's order per 32-chunk (tiled GEMM, and GEMV fallback)
   kChunk64,  ///< decode64's order per 64-chunk (GEMV of the table formats)
   kInt4,     ///< decode32_int4's order and place values per 32-chunk (GEMV of int4)
+  kInt4x64,  ///< decode64_int4's order and place values per 64-chunk (same, block >= 64)
 };
 
 #ifdef __AVX2__
@@ -209,6 +210,25 @@ inline int int4_slot(int i, int* e) {
   return 8 * word + (p ^ 1);  // the low nibble of a byte is its odd element
 }
 
+/// decode32_int4 over 64 codes (src[0..32), eight 32-bit words): vector p holds nibble p of
+/// every word (place value 16^(p % 4), p >= 4 after one 16-bit shift).
+TF_LOWBIT_INLINE void decode64_int4(const uint8_t* src, __m256 out[8]) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  const __m256i r16 = _mm256_srli_epi32(raw, 16);
+  for (int p = 0; p < 4; ++p) {
+    const __m256i m = _mm256_set1_epi32(0xF << (4 * p));
+    out[p] = _mm256_cvtepi32_ps(_mm256_and_si256(raw, m));
+    out[p + 4] = _mm256_cvtepi32_ps(_mm256_and_si256(r16, m));
+  }
+}
+
+/// Slot i of decode64_int4: source element within the 64-chunk, place-value exponent in *e.
+inline int int4x64_slot(int i, int* e) {
+  const int p = i / 8, word = i % 8;
+  *e = 4 * (p % 4);
+  return 8 * word + (p ^ 1);
+}
+
 /// Decodes 32 codes scaled, out = t * s + c, into out[0..32).
 inline void decode32_store(const Planes& t, const uint8_t* src, __m256 s, __m256 c, float* out) {
   const Decoded d = t.nplanes == 0 ? decode32<0>(t, src)
@@ -219,9 +239,10 @@ inline void decode32_store(const Planes& t, const uint8_t* src, __m256 s, __m256
 inline XLayout x_layout(index_t M, index_t K, index_t block, Fmt4 fmt) {
   if (!fast_layout(K)) return XLayout::kPlain;
   if (M <= kGemvMaxM) {
-    if (fmt == Fmt4::kInt4) return XLayout::kInt4;
     // Every 64-chunk lies in one block: rows start on multiples of 64, blocks are >= 64.
-    if (K % 64 == 0 && block >= 64) return XLayout::kChunk64;
+    const bool c64 = K % 64 == 0 && block >= 64;
+    if (fmt == Fmt4::kInt4) return c64 ? XLayout::kInt4x64 : XLayout::kInt4;
+    if (c64) return XLayout::kChunk64;
   }
   return XLayout::kChunk32;
 }

@@ -137,7 +137,13 @@ inline void store_rows(const Linear4bitParams& p, index_t n, index_t m0, const _
 template <int MR, int NP>
 void gemv64_row(const Linear4bitParams& p, const Planes& t, index_t n, index_t m0, int lb) {
   const Fourbit& w = p.w;
-  constexpr int NA = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+#ifndef TF_NA64
+#define TF_NA64 4
+#endif
+#ifndef TF_PF64
+#define TF_PF64 1024
+#endif
+  constexpr int NA = MR == 1 ? TF_NA64 : (MR == 2 ? 2 : 1);
   const index_t f0 = n * w.K;
   const uint8_t* src = w.packed + (f0 >> 1);
   const float* xr[MR];
@@ -149,8 +155,8 @@ void gemv64_row(const Linear4bitParams& p, const Planes& t, index_t n, index_t m
     corr[i] = 0.0f;
   }
   auto step = [&](index_t k, int h) __attribute__((always_inline)) {
-    if ((k & 127) == 0)
-      _mm_prefetch(reinterpret_cast<const char*>(src + (k >> 1)) + 1024, _MM_HINT_T0);
+    if (TF_PF64 && (k & 127) == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(src + (k >> 1)) + TF_PF64, _MM_HINT_T0);
     __m256 d[8];
     decode64<NP>(t, src + (k >> 1), d);
     const __m256 sv = _mm256_set1_ps(w.scale((f0 + k) >> lb) * t.mult);
@@ -166,12 +172,14 @@ void gemv64_row(const Linear4bitParams& p, const Planes& t, index_t n, index_t m
   store_rows<MR>(p, n, m0, tot, corr);
 }
 
-/// kInt4: out[m0 .. m0 + MR, n]. kAligned: K % block == 0 (no block spans rows), so the
-/// prepared row holds block sums of x instead of chunk sums (see linear_4bit_prepare_x).
-template <int MR, bool kAligned>
+/// kInt4 (C64 = false) / kInt4x64 (C64 = true): out[m0 .. m0 + MR, n]. kAligned:
+/// K % block == 0 (no block spans rows), so the prepared row holds block sums of x instead of
+/// chunk sums (see linear_4bit_prepare_x).
+template <int MR, bool kAligned, bool C64>
 void gemv_int4_row(const Linear4bitParams& p, index_t n, index_t m0, int lb) {
   const Fourbit& w = p.w;
-  constexpr int NA = MR == 1 ? 2 : 1;
+  constexpr int NA = C64 ? (MR == 1 ? 4 : (MR == 2 ? 2 : 1)) : (MR == 1 ? 2 : 1);
+  constexpr index_t S = C64 ? 64 : 32;  // codes per step
   const index_t f0 = n * w.K;
   const uint8_t* src = w.packed + (f0 >> 1);
   const float* xr[MR];
@@ -185,20 +193,31 @@ void gemv_int4_row(const Linear4bitParams& p, index_t n, index_t m0, int lb) {
   auto step = [&](index_t k, int h) __attribute__((always_inline)) {
     if ((k & 127) == 0)
       _mm_prefetch(reinterpret_cast<const char*>(src + (k >> 1)) + 1024, _MM_HINT_T0);
-    const Decoded d = decode32_int4(src + (k >> 1));
+    __m256 d[S / 8];
+    if constexpr (C64) {
+      decode64_int4(src + (k >> 1), d);
+    } else {
+      const Decoded d32 = decode32_int4(src + (k >> 1));
+      for (int j = 0; j < 4; ++j) d[j] = d32.f[j];
+    }
     const index_t b = (f0 + k) >> lb;
     const float s = w.scale(b);
     const __m256 sv = _mm256_set1_ps(s);
     for (int i = 0; i < MR; ++i) {
-      tot[i][h] = _mm256_fmadd_ps(dot_part<4, NA>(d.f, xr[i] + k), sv, tot[i][h]);
-      if constexpr (!kAligned)
-        corr[i] -= static_cast<float>(w.zero[b]) * s * xr[i][p.Kp + (k >> 5)];
+      tot[i][h] = _mm256_fmadd_ps(dot_part<S / 8, NA>(d, xr[i] + k), sv, tot[i][h]);
+      if constexpr (!kAligned) {
+        // Only the 32-code steps reach here unaligned (C64 needs K % 64 == 0, block >= 64,
+        // so its steps are in one block; the chunk sums are then per 32).
+        float xs = xr[i][p.Kp + (k >> 5)];
+        if constexpr (C64) xs += xr[i][p.Kp + (k >> 5) + 1];
+        corr[i] -= static_cast<float>(w.zero[b]) * s * xs;
+      }
     }
   };
   index_t k = 0;
-  for (; k + 64 <= w.K; k += 64) {
+  for (; k + 2 * S <= w.K; k += 2 * S) {
     step(k, 0);
-    step(k + 32, 1);
+    step(k + S, 1);
   }
   if (k < w.K) step(k, 0);
   if constexpr (kAligned) {
@@ -256,15 +275,15 @@ void gemv64_rows(const Linear4bitParams& p, const Planes& t, index_t n_begin, in
   }
 }
 
-template <bool kAligned>
+template <bool kAligned, bool C64>
 void gemv_int4_rows(const Linear4bitParams& p, index_t n_begin, index_t n_end, int lb) {
   for (index_t n = n_begin; n < n_end; ++n) {
     for (index_t m0 = 0; m0 < p.M; m0 += 4) {
       switch (imin(4, p.M - m0)) {
-        case 1: gemv_int4_row<1, kAligned>(p, n, m0, lb); break;
-        case 2: gemv_int4_row<2, kAligned>(p, n, m0, lb); break;
-        case 3: gemv_int4_row<3, kAligned>(p, n, m0, lb); break;
-        default: gemv_int4_row<4, kAligned>(p, n, m0, lb); break;
+        case 1: gemv_int4_row<1, kAligned, C64>(p, n, m0, lb); break;
+        case 2: gemv_int4_row<2, kAligned, C64>(p, n, m0, lb); break;
+        case 3: gemv_int4_row<3, kAligned, C64>(p, n, m0, lb); break;
+        default: gemv_int4_row<4, kAligned, C64>(p, n, m0, lb); break;
       }
     }
   }
@@ -278,9 +297,15 @@ bool linear_4bit_gemv(const Linear4bitParams& p, index_t n_begin, index_t n_end)
   if (p.M > kGemvMaxM) return false;
   const XLayout layout = x_layout(p.M, p.w.K, p.w.block, p.w.fmt);
   const int lb = log2_pow2(p.w.block);
-  if (layout == XLayout::kInt4) {
-    if (p.w.K % p.w.block == 0) gemv_int4_rows<true>(p, n_begin, n_end, lb);
-    else gemv_int4_rows<false>(p, n_begin, n_end, lb);
+  if (layout == XLayout::kInt4 || layout == XLayout::kInt4x64) {
+    const bool aligned = p.w.K % p.w.block == 0;
+    if (layout == XLayout::kInt4x64) {
+      if (aligned) gemv_int4_rows<true, true>(p, n_begin, n_end, lb);
+      else gemv_int4_rows<false, true>(p, n_begin, n_end, lb);
+    } else {
+      if (aligned) gemv_int4_rows<true, false>(p, n_begin, n_end, lb);
+      else gemv_int4_rows<false, false>(p, n_begin, n_end, lb);
+    }
     return true;
   }
   if (layout != XLayout::kChunk64 && layout != XLayout::kChunk32) return false;

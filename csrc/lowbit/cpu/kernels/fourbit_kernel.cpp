@@ -135,6 +135,14 @@ void linear_4bit_prepare_x(const float* x, index_t M, index_t K, index_t ldx, fl
             dst[k + i] = std::ldexp(src[k + j], -e);
           }
         break;
+      case XLayout::kInt4x64:
+        for (index_t k = 0; k < K; k += 64)
+          for (int i = 0; i < 64; ++i) {
+            int e = 0;
+            const int j = int4x64_slot(i, &e);
+            dst[k + i] = std::ldexp(src[k + j], -e);
+          }
+        break;
 #endif
       default:
         std::memcpy(dst, src, static_cast<size_t>(K) * sizeof(float));
@@ -143,7 +151,8 @@ void linear_4bit_prepare_x(const float* x, index_t M, index_t K, index_t ldx, fl
     for (index_t k = K; k < Kp; ++k) dst[k] = 0.0f;
     // Sums of x itself (not of the scaled kInt4 values) per 32-chunk, or per block for the int4
     // GEMV when no block spans rows (its zero-point term is then one dot product per row).
-    const index_t seg = layout == XLayout::kInt4 && K % block == 0 ? block : 32;
+    const bool int4 = layout == XLayout::kInt4 || layout == XLayout::kInt4x64;
+    const index_t seg = int4 && K % block == 0 ? block : 32;
     for (index_t c = 0; c < Kp / 32; ++c) dst[Kp + c] = 0.0f;
     for (index_t c = 0; c * seg < K; ++c) {
       float sum = 0.0f;
