@@ -10,6 +10,7 @@
 
 #include "aten_utils.h"
 #include "cpu_operands.h"
+#include "neighborhood/cpu/kernels/window_direct.h"
 #include "neighborhood/window_args.h"
 #include "tilefuse/cpu/window.h"
 
@@ -139,12 +140,87 @@ struct WinGrads {
   at::Tensor dq, dk, dv, drpb, dk_pad, dv_pad;
 };
 
+/// Backward of disjoint windows that partition the grid (window_bwd_direct_applies): the
+/// kernel writes dQ / dK / dV once per token in the final [T, H, C] layout and computes Delta
+/// itself, so the adapter allocates the results (no zero fill) and only reduces GQA groups
+/// and the per-chunk bias / padding partials.
+template <class T>
+void bwd_direct_impl(const WinShapes& s, const at::Tensor& dout,
+                     const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                     const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& rpb,
+                     const std::optional<at::Tensor>& k_pad, const std::optional<at::Tensor>& v_pad,
+                     const at::Tensor& out, const at::Tensor& lse, double scale, WinGrads& g) {
+  const at::ScalarType ct = compute_type(q);
+  AttentionParams<T> p =
+      sequence_params<T>(s.cu, s.cu, s.H, s.Hkv, s.B * s.N, s.B * s.N, s.D, s.Dv, scale);
+  std::vector<at::Tensor> keep;
+  p.q = make_operand<T>(to_tokens(s, q), p.Dp, false, keep);
+  p.k = make_operand<T>(to_tokens(s, k), p.Dp, false, keep);
+  p.v = make_operand<T>(to_tokens(s, v), p.Dvp, false, keep);
+  p.dout = make_operand<T>(to_tokens(s, dout), p.Dvp, false, keep);
+  const at::Tensor out_c = to_tokens(s, out).to(ct).contiguous();
+  const at::Tensor lse_c = to_tokens(s, lse.unsqueeze(-1)).squeeze(-1).to(ct).contiguous();
+  at::Tensor dlse_c;
+  if (dlse.has_value()) {
+    dlse_c = to_tokens(s, dlse->unsqueeze(-1)).squeeze(-1).to(ct).contiguous();
+    p.delta = dlse_c.const_data_ptr<T>();
+  }
+  p.o = const_cast<T*>(out_c.const_data_ptr<T>());
+  p.lse_in = lse_c.const_data_ptr<T>();
+  auto opts = q.options().dtype(ct);
+  at::Tensor dq_t = at::empty({p.Tq, s.H, s.D}, opts);
+  at::Tensor dk_t = at::empty({p.Tk, s.H, s.D}, opts);
+  at::Tensor dv_t = at::empty({p.Tk, s.H, s.Dv}, opts);
+  p.dq = dq_t.mutable_data_ptr<T>();
+  p.dk = dk_t.mutable_data_ptr<T>();
+  p.dv = dv_t.mutable_data_ptr<T>();
+  int64_t tiles = 0;
+  for (int64_t b = 0; b < p.B; ++b) tiles += WindowMask::make(s.args, b).num_query_tiles();
+  // Fixed runs of windows (not per-thread partials): deterministic for a given thread count.
+  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, 2 * at::get_num_threads()));
+  const WindowInputs<T> in = window_inputs<T>(s, rpb, k_pad, v_pad, ct);
+  WindowExtras<T> x = in.x;
+  at::Tensor dbias, dkp, dvp;
+  if (rpb.has_value()) {
+    dbias = at::zeros({n_chunks, s.H, x.R[0] * x.R[1] * x.R[2]}, opts);
+    x.dbias = dbias.mutable_data_ptr<T>();
+  }
+  const bool swin = s.args.kind == WindowMask::kSwin;
+  if (swin) {
+    dkp = at::zeros({n_chunks, s.H, s.D}, opts);
+    dvp = at::zeros({n_chunks, s.H, s.Dv}, opts);
+    x.dk_pad = dkp.mutable_data_ptr<T>();
+    x.dv_pad = dvp.mutable_data_ptr<T>();
+  }
+  cpu::current_isa() == cpu::Isa::kAvx2
+      ? cpu::avx2::window_bwd_direct(p, s.args, x, n_chunks, aten_runner())
+      : cpu::generic::window_bwd_direct(p, s.args, x, n_chunks, aten_runner());
+  const int64_t G = s.H / s.Hkv;
+  if (G > 1) {
+    dk_t = dk_t.view({p.Tk, s.Hkv, G, s.D}).sum(2);
+    dv_t = dv_t.view({p.Tk, s.Hkv, G, s.Dv}).sum(2);
+  }
+  g.dq = from_tokens(s, dq_t, q.sizes()).to(q.scalar_type());
+  g.dk = from_tokens(s, dk_t, k.sizes()).to(k.scalar_type());
+  g.dv = from_tokens(s, dv_t, v.sizes()).to(v.scalar_type());
+  if (rpb.has_value())
+    g.drpb = bias_grad_to_user(s, dbias.sum(0).view({s.H, x.R[0], x.R[1], x.R[2]}), *rpb);
+  if (swin && k_pad.has_value())
+    g.dk_pad = dkp.view({n_chunks, s.Hkv, G, s.D}).sum({0, 2}).to(q.scalar_type());
+  if (swin && v_pad.has_value())
+    g.dv_pad = dvp.view({n_chunks, s.Hkv, G, s.Dv}).sum({0, 2}).to(q.scalar_type());
+}
+
 template <class T>
 void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const std::optional<at::Tensor>& rpb, const std::optional<at::Tensor>& k_pad,
               const std::optional<at::Tensor>& v_pad, const at::Tensor& out,
               const at::Tensor& lse, double scale, WinGrads& g) {
+  if (cpu::window_bwd_direct_applies(s.args, s.G)) {
+    bwd_direct_impl<T>(s, dout, dlse, q, k, v, rpb, k_pad, v_pad, out, lse, scale, g);
+    return;
+  }
   const at::ScalarType ct = compute_type(q);
   // Dilation groups are separate sequences: B * G of them, sharing the boundaries s.cu.
   AttentionParams<T> p =

@@ -405,7 +405,7 @@ void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
 /// Prefetches, for every head, the rows of the tokens of box b in operand x: one tile is
 /// processed for all heads in a row, and the heads of a token are neighbours in memory
 /// ([B, *spatial, H, D]), so the later heads' gathers then hit the cache.
-template <class T, int kLocality = 3>
+template <class T>
 void prefetch_box(const WindowMask& m, const Box& b, const Operand<T>& x, index_t base,
                   index_t heads, index_t C) {
   for (index_t c0 = b.lo[0]; c0 < b.hi[0]; ++c0)
@@ -415,7 +415,7 @@ void prefetch_box(const WindowMask& m, const Box& b, const Operand<T>& x, index_
         if (t < 0) continue;
         for (index_t h = 0; h < heads; ++h) {
           const char* r = reinterpret_cast<const char*>(x.at(h, base + t));
-          for (index_t o = 0; o < C * index_t(sizeof(T)); o += 64) __builtin_prefetch(r + o, 0, kLocality);
+          for (index_t o = 0; o < C * index_t(sizeof(T)); o += 64) __builtin_prefetch(r + o);
         }
       }
 }
@@ -665,28 +665,10 @@ void window_fwd(const AttentionParams<T>& p, const WindowMask::Args& args,
     for (index_t b = 0; b < p.B; ++b)
       tile_start[b + 1] = tile_start[b] + WindowMask::make(args, b).num_query_tiles();
     const SingleFwdScratch<T> proto = single_fwd_scratch(p);
-    const index_t tiles = tile_start[p.B];
-    // Items are runs of consecutive windows, so that each window's rows can be prefetched
-    // (every head) while the previous window computes: the rows of a small window are a
-    // handful of short runs, too short for the hardware prefetchers.
-    const index_t per = imax(1, imin(8, tiles / imax(1, 8 * r.num_threads)));
-    for_each_item(r, ceil_div(tiles, per), proto, [&](index_t it, SingleFwdScratch<T>& s) {
-      for (index_t t = it * per; t < imin(tiles, (it + 1) * per); ++t) {
-        if (t + 1 < tiles) {
-          index_t b = 0;
-          while (tile_start[b + 1] <= t + 1) ++b;
-          const WindowMask m = WindowMask::make(args, b);
-          const Box qb = m.query_tile(t + 1 - tile_start[b]);
-          const Box ku = m.key_union(qb);
-          // Into L2 (a window's rows for every head exceed L1).
-          prefetch_box<T, 2>(m, qb, p.q, p.cu_q[b], p.H, p.D);
-          prefetch_box<T, 2>(m, ku, p.k, p.cu_k[b], p.Hkv, p.D);
-          prefetch_box<T, 2>(m, ku, p.v, p.cu_k[b], p.Hkv, p.Dv);
-        }
-        index_t b = 0;
-        while (tile_start[b + 1] <= t) ++b;
-        single_fwd_tile(p, args, x, b, t - tile_start[b], s);
-      }
+    for_each_item(r, tile_start[p.B], proto, [&](index_t t, SingleFwdScratch<T>& s) {
+      index_t b = 0;
+      while (tile_start[b + 1] <= t) ++b;
+      single_fwd_tile(p, args, x, b, t - tile_start[b], s);
     });
     return;
   }
@@ -861,6 +843,192 @@ void window_bwd(const AttentionParams<T>& p, const WindowMask::Args& args,
   for_each_item(r, p.H * per_head, proto, [&](index_t it, BwdScratch<T>& s) {
     const index_t h = it / per_head, rest = it % per_head;
     window_bwd_item(p, args, x, h, rest / p.n_kv_chunks, rest % p.n_kv_chunks, it, s);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward of single-block windows that partition the key grid (Swin; blocked NA whose axes
+// are multiples of the kernel): every query and every key belongs to exactly one window, so
+// dQ, dK and dV rows are written once, straight into token-major [T, H, C] results (scaled,
+// no zero fill, no per-chunk dQ partials, no layout pass afterwards), and Delta = rowsum(dO *
+// O) - dLSE is computed from the gathered rows. Work items are fixed runs of windows (for
+// every head), each with its own partial bias / padding gradients: deterministic.
+//
+// Operands: p.q, p.k, p.v, p.dout token views (any row stride, unpadded), p.o the forward
+// output [Tq, H, Dv] (read), p.lse_in [Tq, H], p.delta dLSE [Tq, H] or null; results p.dq
+// [Tq, H, D], p.dk [Tk, H, D] and p.dv [Tk, H, Dv] per query head; x.dbias [chunks, H, Rn],
+// x.dk_pad [chunks, H, D], x.dv_pad [chunks, H, Dv] (zeroed by the caller).
+
+template <class T>
+struct SingleBwdScratch {
+  std::vector<T> S, dP, Qg, dOg, Kg, KT, VT, dQg, dKg, dVg, lse2, delta, zeros;
+  std::vector<index_t> qtok, ktok;
+  std::vector<const T*> rows;
+  MaskCache<T> cache;
+};
+
+template <class T>
+SingleBwdScratch<T> single_bwd_scratch(const AttentionParams<T>& p) {
+  SingleBwdScratch<T> s;
+  s.S.resize(BQ * BK);
+  s.dP.resize(BQ * BK);
+  s.Qg.assign(BQ * p.Dp, T(0));
+  s.dOg.assign(BQ * p.Dvp, T(0));
+  s.Kg.assign(BK * p.Dp, T(0));
+  s.KT.assign(p.Dp * BK, T(0));
+  s.VT.assign(p.Dvp * BK, T(0));
+  s.dQg.resize(BQ * p.Dp);
+  s.dKg.resize(BK * p.Dp);
+  s.dVg.resize(BK * p.Dvp);
+  s.lse2.resize(BQ);
+  s.delta.resize(BQ);
+  s.zeros.assign(imax(p.Dp, p.Dvp), T(0));
+  s.qtok.resize(BQ);
+  s.ktok.resize(BK);
+  s.rows.resize(BK);
+  return s;
+}
+
+/// Scatters an entry's pending dS sums (per head) into the chunk's partial bias gradient.
+template <class T>
+void flush_dsum(const WindowMask::Args& args, typename MaskCache<T>::Entry& e, const index_t* R,
+                T* dbias, index_t H) {
+  if (e.dsum_used.empty()) return;
+  const WindowMask m = WindowMask::make(args, e.seq);
+  const index_t Rn = R[0] * R[1] * R[2];
+  for (index_t h = 0; h < H; ++h) {
+    if (!e.dsum_used[h]) continue;
+    const T* d = e.dsum.data() + h * e.qm * e.ld;
+    T* gb = dbias + h * Rn;
+    for_each_window_run(m, e.qb, e.kb,
+                        [&](index_t i, const index_t* xq, index_t col, index_t a, index_t en,
+                            index_t c0, index_t c1) {
+                          if (en <= a) return;
+                          T* g = gb + bias_index(m, R, xq, c0, c1, e.kb.lo[2] + a);
+                          const T* dr = d + i * e.ld + col;
+                          for (index_t j = a; j < en; ++j) g[j - a] += dr[j];
+                        });
+    e.dsum_used[h] = 0;
+    std::fill(e.dsum.begin() + h * e.qm * e.ld, e.dsum.begin() + (h + 1) * e.qm * e.ld, T(0));
+  }
+}
+
+template <class T>
+void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
+                     const WindowExtras<T>& x, index_t b, index_t qt, index_t chunk,
+                     SingleBwdScratch<T>& s) {
+  constexpr int W = VecTraits<T>::W;
+  const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
+  const WindowMask m = WindowMask::make(args, b);
+  const Box qb = m.query_tile(qt), kb = m.key_union(qb);
+  index_t *qtok = s.qtok.data(), *ktok = s.ktok.data();
+  const index_t qm = box_tokens(m, qb, qtok), kn = box_tokens(m, kb, ktok);
+  const index_t Rn = x.R[0] * x.R[1] * x.R[2];
+  T* dbias = x.dbias ? x.dbias + chunk * p.H * Rn : nullptr;
+  auto& e = mask_entry(s.cache, m, b, qb, kb, qm, kn, p.H, [&](typename MaskCache<T>::Entry& f) {
+    if (dbias) flush_dsum(args, f, x.R, dbias, p.H);
+  });
+  if (dbias && e.dsum_used.empty()) {
+    e.dsum.assign(p.H * qm * e.ld, T(0));
+    e.dsum_used.assign(p.H, 0);
+  }
+  const index_t ld = e.ld;
+  const T c2 = p.scale * T(kLog2ed);
+  T *S = s.S.data(), *dP = s.dP.data();
+  for (index_t h = 0; h < p.H; ++h) {
+    const index_t hk = h / (p.H / p.Hkv);
+    for (index_t i = 0; i < qm; ++i) {
+      const index_t t = qbeg + qtok[i];
+      T* qd = s.Qg.data() + i * p.Dp;
+      T* od = s.dOg.data() + i * p.Dvp;
+      copy_short(qd, p.q.at(h, t), p.D);
+      copy_short(od, p.dout.at(h, t), p.Dv);
+      const T* orow = p.o + (t * p.H + h) * p.Dv;
+      T dlt = 0;
+      for (index_t c = 0; c < p.Dv; ++c) dlt += od[c] * orow[c];
+      s.delta[i] = dlt - (p.delta ? p.delta[t * p.H + h] : T(0));
+      s.lse2[i] = lse_base2(p.lse_in[t * p.H + h]);
+    }
+    const T* kpad = x.k_pad ? x.k_pad + hk * p.D : s.zeros.data();
+    for (index_t j = 0; j < kn; ++j) {
+      copy_short(s.Kg.data() + j * p.Dp, ktok[j] >= 0 ? p.k.at(hk, kbeg + ktok[j]) : kpad, p.D);
+      s.rows[j] = s.Kg.data() + j * p.Dp;
+    }
+    for (index_t j = kn; j < ld; ++j) s.rows[j] = s.zeros.data();
+    transpose_ptrs(s.rows.data(), ld, p.D, s.KT.data(), ld);
+    const T* vpad = x.v_pad ? x.v_pad + hk * p.Dv : s.zeros.data();
+    key_row_ptrs(p.v, hk, kbeg, ktok, kn, ld, vpad, s.zeros.data(), s.rows.data());
+    transpose_ptrs(s.rows.data(), ld, p.Dv, s.VT.data(), ld);
+
+    gemm_store_w<true>(qm, ld, p.D, s.Qg.data(), p.Dp, 1, s.KT.data(), ld, S, ld, c2);
+    const T* tile = mask_tile_of<T>(e, m, x.bias ? x.bias + h * Rn : nullptr, x.R, h);
+    for (index_t i = 0; i < qm; ++i) {  // P = exp2(s + mask/bias - lse2)
+      T* row = S + i * ld;
+      const T* tr = tile + i * ld;
+      const T l2 = s.lse2[i];
+      for (index_t j = 0; j < ld; j += W)
+        storev(row + j, exp2_neg(loadv(row + j) + loadv(tr + j) - l2));
+    }
+    gemm<GemmOut::kStore>(kn, p.Dvp, qm, S, 1, ld, s.dOg.data(), p.Dvp, s.dVg.data(), p.Dvp);
+    gemm_store_w<false>(qm, ld, p.Dv, s.dOg.data(), p.Dvp, 1, s.VT.data(), ld, dP, ld, T(1));
+    for (index_t i = 0; i < qm; ++i) {  // dS = P (dP - Delta)
+      T* ds = dP + i * ld;
+      const T* pr = S + i * ld;
+      const T dl = s.delta[i];
+      for (index_t j = 0; j < ld; j += W) storev(ds + j, loadv(pr + j) * (loadv(ds + j) - dl));
+    }
+    if (dbias) {
+      T* acc = e.dsum.data() + h * qm * ld;
+      for (index_t j = 0; j < qm * ld; j += W) storev(acc + j, loadv(acc + j) + loadv(dP + j));
+      e.dsum_used[h] = 1;
+    }
+    gemm<GemmOut::kStore>(kn, p.Dp, qm, dP, 1, ld, s.Qg.data(), p.Dp, s.dKg.data(), p.Dp);
+    gemm<GemmOut::kStore>(qm, p.Dp, kn, dP, ld, 1, s.Kg.data(), p.Dp, s.dQg.data(), p.Dp);
+    for (index_t i = 0; i < qm; ++i) {
+      T* dst = p.dq + ((qbeg + qtok[i]) * p.H + h) * p.D;
+      const T* src = s.dQg.data() + i * p.Dp;
+      for (index_t c = 0; c < p.D; ++c) dst[c] = src[c] * p.scale;
+    }
+    T* dkpad = x.dk_pad ? x.dk_pad + (chunk * p.H + h) * p.D : nullptr;
+    T* dvpad = x.dv_pad ? x.dv_pad + (chunk * p.H + h) * p.Dv : nullptr;
+    for (index_t j = 0; j < kn; ++j) {
+      const T* dk = s.dKg.data() + j * p.Dp;
+      const T* dv = s.dVg.data() + j * p.Dvp;
+      if (ktok[j] >= 0) {
+        T* dKo = p.dk + ((kbeg + ktok[j]) * p.H + h) * p.D;
+        T* dVo = p.dv + ((kbeg + ktok[j]) * p.H + h) * p.Dv;
+        for (index_t c = 0; c < p.D; ++c) dKo[c] = dk[c] * p.scale;
+        copy_short(dVo, dv, p.Dv);
+      } else {
+        if (dkpad)
+          for (index_t c = 0; c < p.D; ++c) dkpad[c] += dk[c] * p.scale;
+        if (dvpad)
+          for (index_t c = 0; c < p.Dv; ++c) dvpad[c] += dv[c];
+      }
+    }
+  }
+}
+
+template <class T>
+void window_bwd_direct(const AttentionParams<T>& p, const WindowMask::Args& args,
+                       const WindowExtras<T>& x, index_t n_chunks, const ParallelRunner& r) {
+  std::vector<index_t> tile_start(p.B + 1, 0);
+  for (index_t b = 0; b < p.B; ++b)
+    tile_start[b + 1] = tile_start[b] + WindowMask::make(args, b).num_query_tiles();
+  const index_t tiles = tile_start[p.B];
+  const SingleBwdScratch<T> proto = single_bwd_scratch(p);
+  for_each_item(r, n_chunks, proto, [&](index_t c, SingleBwdScratch<T>& s) {
+    const index_t t0 = c * tiles / n_chunks, t1 = (c + 1) * tiles / n_chunks;
+    for (index_t t = t0; t < t1; ++t) {
+      index_t b = 0;
+      while (tile_start[b + 1] <= t) ++b;
+      single_bwd_tile(p, args, x, b, t - tile_start[b], c, s);
+    }
+    if (x.dbias) {
+      T* dbias = x.dbias + c * p.H * x.R[0] * x.R[1] * x.R[2];
+      for (auto& e : s.cache.entries) flush_dsum(args, e, x.R, dbias, p.H);
+    }
+    s.cache.entries.clear();  // the next item's sums start from zero
   });
 }
 
