@@ -46,6 +46,8 @@ CASES = [
     ("window-left-only", 1, 300, 260, 2, 1, 32, 32, False, (64, -1)),
     ("window+causal", 2, 333, 333, 2, 2, 48, 48, True, (100, -1)),
     ("window-sq>sk", 1, 200, 80, 2, 2, 32, 32, False, (10, 10)),
+    # long enough for the head-major / panel-major operand copies, with padded head dims
+    ("long-odd-dims", 2, 300, 290, 3, 1, 40, 24, False, None),
 ]
 
 

@@ -54,7 +54,10 @@ void fwd_impl(const AttnShapes& s, const at::Tensor& q, const at::Tensor& k, con
   p.q = make_operand<T>(tokens(q, s.varlen), p.Dp, false, keep, hm);
   const Operand<T> k_op = make_operand<T>(tokens(k, s.varlen), p.Dp, false, keep);
   at::Tensor ktb = transposed(k_op, s.Hkv, s.Tk, s.D, q.options());
-  p.v = make_operand<T>(tokens(v, s.varlen), p.Dvp, true, keep, hm);
+  if (hm)
+    panel_major_v(tokens(v, s.varlen), p, keep);
+  else
+    p.v = make_operand<T>(tokens(v, s.varlen), p.Dvp, true, keep);
   p.kt = ktb.const_data_ptr<T>();
   p.o = out.mutable_data_ptr<T>();
   p.lse = lse.mutable_data_ptr<T>();

@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> bs_fwd_cpu(const at::Tensor& q, const at::Ten
     p.q = make_operand<T>(tokens(q), p.Dp, false, keep);
     const Operand<T> k_op = make_operand<T>(tokens(k), p.Dp, false, keep);
     at::Tensor ktb = transposed(k_op, s.Hkv, p.Tk, s.D, q.options());
-    p.v = make_operand<T>(tokens(v), p.Dvp, true, keep);
+    panel_major_v(tokens(v), p, keep);  // every key block is read by its query blocks
     p.kt = ktb.const_data_ptr<T>();
     p.o = out.mutable_data_ptr<T>();
     p.lse = lse.mutable_data_ptr<T>();

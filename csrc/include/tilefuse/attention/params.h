@@ -32,7 +32,8 @@ template <class T>
 struct AttentionParams {
   Operand<T> q;     // [H, Tq, D(p)]
   Operand<T> k;     // [Hkv, Tk, D(p)]
-  Operand<T> v;     // [Hkv, Tk, Dvp] (forward)
+  Operand<T> v;     // [Hkv, Tk, Dvp] (forward), or panel-major when v_ps > 0
+  index_t v_ps = 0;  // v panel-major: [Hkv][Dvp / 16][Tk][16], row_stride 16, panel stride v_ps
   Operand<T> dout;  // [H, Tq, Dvp] (backward)
   const T* kt = nullptr;  // [Hkv, D, ldkt]: K transposed, columns up to Tk + 16 readable
   const T* vt = nullptr;  // [Hkv, Dv, ldvt]: V transposed (backward)

@@ -74,11 +74,12 @@ void fwd_init(index_t qm, index_t Dvp, FwdScratch<T>& s) {
 /// S = Q K^T (base-2 logits), mask(S) (the policy's mask, bias and the ragged columns), online
 /// softmax update, O = diag(alpha) O + P V, for rows [i0, i0 + qm) of the query tile (a key
 /// tile may be visible to only part of it). Q is those qm rows (row stride ldq), KT
-/// [D, >= kn16] (ld ldkt), V [kn, Dvp] (row stride ldv).
+/// [D, >= kn16] (ld ldkt), V [kn, Dvp] (row stride ldv), or panel-major when v_ps > 0
+/// (see gemm; ldv = 16).
 template <class T, class MaskFn>
 void fwd_step(const AttentionParams<T>& p, const T* Q, index_t ldq, index_t i0, index_t qm,
               const T* KT, index_t ldkt, const T* V, index_t ldv, index_t kn, FwdScratch<T>& s,
-              const MaskFn& mask) {
+              const MaskFn& mask, index_t v_ps = 0) {
   constexpr int W = VecTraits<T>::W;
   const T c2 = p.scale * T(kLog2ed);  // logits in base 2
   T *S = s.S.data(), *O = s.O.data() + i0 * p.Dvp, *m = s.m.data() + i0, *l = s.l.data() + i0;
@@ -137,7 +138,7 @@ void fwd_step(const AttentionParams<T>& p, const T* Q, index_t ldq, index_t i0, 
     alpha[i] = m[i] == kNegInf<T> ? T(1) : std::exp2(mold[i] - m[i]);
     l[i] = l[i] * alpha[i] + rsum[i];
   }
-  gemm<GemmOut::kScaleAccumulate>(qm, p.Dvp, kn, S, BK, 1, V, ldv, O, p.Dvp, alpha);
+  gemm<GemmOut::kScaleAccumulate>(qm, p.Dvp, kn, S, BK, 1, V, ldv, O, p.Dvp, alpha, v_ps);
 }
 
 /// Writes normalised output row i of head h to global token t, and its LSE (natural log).
@@ -246,11 +247,13 @@ void fwd_tile(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
     const index_t kn = imin(BK, khi - k0);
     const int state = mask.tile(q0, q0 + qm, k0, k0 + kn);
     if (state == kTileSkip) continue;
-    fwd_step(p, Q, p.q.row_stride, 0, qm, KT + k0, p.ldkt, V + k0 * p.v.row_stride,
-             p.v.row_stride, kn, s, [&](T* S, index_t kn_, index_t kn16) {
-               if (state == kTilePartial || kn16 != kn_)
-                 mask_tile(mask, state, S, qm, kn_, kn16, q0, k0);
-             });
+    fwd_step(
+        p, Q, p.q.row_stride, 0, qm, KT + k0, p.ldkt, V + k0 * p.v.row_stride, p.v.row_stride,
+        kn, s,
+        [&](T* S, index_t kn_, index_t kn16) {
+          if (state == kTilePartial || kn16 != kn_) mask_tile(mask, state, S, qm, kn_, kn16, q0, k0);
+        },
+        p.v_ps);
   }
   for (index_t i = 0; i < qm; ++i) fwd_write_row(p, s, i, h, qbeg + q0 + i);
 }

@@ -39,11 +39,14 @@ void block_sparse_fwd(const AttentionParams<T>& p, const BlockSparseArgs& a,
           const index_t kn = imin(BK, kend - k0);
           const int state = a.causal ? causal.tile(q0, q0 + qm, k0, k0 + kn) : kTileFull;
           if (state == kTileSkip) continue;
-          fwd_step(p, Q, p.q.row_stride, 0, qm, KT + k0, p.ldkt, V + k0 * p.v.row_stride,
-                   p.v.row_stride, kn, s, [&](T* S, index_t kn_, index_t kn16) {
-                     if (state == kTilePartial || kn16 != kn_)
-                       mask_tile(causal, state, S, qm, kn_, kn16, q0, k0);
-                   });
+          fwd_step(
+              p, Q, p.q.row_stride, 0, qm, KT + k0, p.ldkt, V + k0 * p.v.row_stride,
+              p.v.row_stride, kn, s,
+              [&](T* S, index_t kn_, index_t kn16) {
+                if (state == kTilePartial || kn16 != kn_)
+                  mask_tile(causal, state, S, qm, kn_, kn16, q0, k0);
+              },
+              p.v_ps);
         }
       }
       for (index_t row = 0; row < qm; ++row) fwd_write_row(p, s, row, h, qbeg + q0 + row);

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // Register-blocked GEMM for attention tiles: C[m x n] (op)= A[m x k] * B[k x n].
 // A is addressed as a[i * a_rs + p * a_cs] (so P and P^T are both free), B is row-major with
-// leading dimension ldb and n a multiple of 16 (callers pad feature dims), C row-major.
+// leading dimension ldb and n a multiple of 16 (callers pad feature dims), or panel-major
+// (b_ps > 0: columns [16 q, 16 q + 16) are a [k, 16] panel at b + q * b_ps, ldb = 16, which
+// keeps a panel's rows on consecutive cache lines), C row-major.
 // Micro-kernel 6 x (2 vectors): for fp32 6x16 = 12 accumulators + 2 B vectors + 1 broadcast,
 // 15 of the 16 ymm registers.
 #pragma once
@@ -62,23 +64,24 @@ static inline void gemm_block(index_t k, const T* a, index_t a_rs, index_t a_cs,
 template <GemmOut OUT, class T>
 static inline void gemm(index_t m, index_t n, index_t k, const T* a, index_t a_rs, index_t a_cs,
                         const T* b, index_t ldb, T* c, index_t ldc,
-                        const T* row_scale = nullptr) {
+                        const T* row_scale = nullptr, index_t b_ps = 0) {
   constexpr int NR = 2 * VecTraits<T>::W;
   for (index_t j = 0; j < n; j += NR) {
+    const T* bj = b_ps > 0 ? b + (j / 16) * b_ps + j % 16 : b + j;
     index_t i = 0;
     constexpr bool per_row = OUT == GemmOut::kScaleAccumulate;
     for (; i + 6 <= m; i += 6)
-      gemm_block<T, 6, OUT>(k, a + i * a_rs, a_rs, a_cs, b + j, ldb, c + i * ldc + j, ldc,
+      gemm_block<T, 6, OUT>(k, a + i * a_rs, a_rs, a_cs, bj, ldb, c + i * ldc + j, ldc,
                             per_row ? row_scale + i : row_scale);
     const T* ai = a + i * a_rs;
     T* ci = c + i * ldc + j;
     const T* rs = per_row ? row_scale + i : row_scale;
     switch (m - i) {
-      case 5: gemm_block<T, 5, OUT>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, rs); break;
-      case 4: gemm_block<T, 4, OUT>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, rs); break;
-      case 3: gemm_block<T, 3, OUT>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, rs); break;
-      case 2: gemm_block<T, 2, OUT>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, rs); break;
-      case 1: gemm_block<T, 1, OUT>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, rs); break;
+      case 5: gemm_block<T, 5, OUT>(k, ai, a_rs, a_cs, bj, ldb, ci, ldc, rs); break;
+      case 4: gemm_block<T, 4, OUT>(k, ai, a_rs, a_cs, bj, ldb, ci, ldc, rs); break;
+      case 3: gemm_block<T, 3, OUT>(k, ai, a_rs, a_cs, bj, ldb, ci, ldc, rs); break;
+      case 2: gemm_block<T, 2, OUT>(k, ai, a_rs, a_cs, bj, ldb, ci, ldc, rs); break;
+      case 1: gemm_block<T, 1, OUT>(k, ai, a_rs, a_cs, bj, ldb, ci, ldc, rs); break;
       default: break;
     }
   }
