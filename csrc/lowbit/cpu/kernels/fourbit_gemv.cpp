@@ -8,9 +8,10 @@
 //   accumulator chain crosses steps) and folded into the total with one FMA by the block
 //   scale. Each step is independent of the previous one except for that fold, which alternates
 //   between two totals.
-// - kInt4: 32 codes per step through the shuffle-free decode32_int4, same tree and fold; the
-//   zero point becomes -zero * scale * sum(x over the block), added once per row from block
-//   sums of x when blocks do not span rows (vectorised over blocks), else per chunk.
+// - kInt4x64 / kInt4: 64 (K % 64 == 0, block >= 64) or 32 codes per step through the
+//   shuffle-free int4 decoders, same tree and fold; the zero point becomes
+//   -zero * scale * sum(x over the block), added once per row from block sums of x when blocks
+//   do not span rows (vectorised over blocks), else per step from chunk sums.
 // - kChunk32 (the table formats with block 32 or K % 64 != 0): decode32, unscaled partial sums
 //   per block folded when the block ends.
 // Software prefetch 1 KiB ahead (rows are consecutive, so it runs into the next rows).
@@ -30,45 +31,38 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-/// out[m0 .. m0 + MR, n] for one weight row n (a block may start in the previous row when K is
-/// not a multiple of the block: the block index is taken per 32-chunk).
+/// kChunk32 (table formats): out[m0 .. m0 + MR, n] for one weight row n (a block may start in
+/// the previous row when K is not a multiple of the block: the block index is taken per
+/// 32-chunk).
 template <int MR, int NP>
 void gemv_row(const Linear4bitParams& p, const Planes& t, index_t n, index_t m0, int lb) {
   const Fourbit& w = p.w;
-  const bool int4 = w.fmt == Fmt4::kInt4;
   // Independent accumulator chains per activation row (FMA latency 4, two ports).
   constexpr int NA = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
   const index_t f0 = n * w.K;
   const uint8_t* src = w.packed + (f0 >> 1);
   const float* xr[MR];
   __m256 tot[MR];
-  float corr[MR];
   for (int i = 0; i < MR; ++i) {
     xr[i] = p.xp + (m0 + i) * p.ldxp;
     tot[i] = _mm256_setzero_ps();
-    corr[i] = 0.0f;
   }
   // Per block: unscaled partial sums acc, folded into tot with one FMA per accumulator when the
   // block ends (independent chains, no reduction on the critical path).
   __m256 acc[MR][NA], tsum[MR][NA];
   for (int i = 0; i < MR; ++i)
     for (int a = 0; a < NA; ++a) acc[i][a] = tsum[i][a] = _mm256_setzero_ps();
-  float xseg[MR];
-  for (int i = 0; i < MR; ++i) xseg[i] = 0.0f;
   index_t cur = f0 >> lb;
   for (index_t k = 0; k < w.K; k += 32) {
     const index_t b = (f0 + k) >> lb;
     if (b != cur) {
       const float s = w.scale(cur);
       const __m256 sv = _mm256_set1_ps(s * t.mult);
-      const float zs = int4 ? -static_cast<float>(w.zero[cur]) * s : 0.0f;
       for (int i = 0; i < MR; ++i) {
         for (int a = 0; a < NA; ++a) {
           tsum[i][a] = _mm256_fmadd_ps(acc[i][a], sv, tsum[i][a]);
           acc[i][a] = _mm256_setzero_ps();
         }
-        corr[i] += zs * xseg[i];
-        xseg[i] = 0.0f;
       }
       cur = b;
     }
@@ -76,28 +70,23 @@ void gemv_row(const Linear4bitParams& p, const Planes& t, index_t n, index_t m0,
     if ((k & 127) == 0)
       _mm_prefetch(reinterpret_cast<const char*>(src + (k >> 1)) + 1024, _MM_HINT_T0);
     const Decoded d = decode32<NP>(t, src + (k >> 1));
-    for (int i = 0; i < MR; ++i) {
+    for (int i = 0; i < MR; ++i)
       for (int j = 0; j < 4; ++j)
         acc[i][j % NA] =
             _mm256_fmadd_ps(d.f[j], _mm256_loadu_ps(xr[i] + k + 8 * j), acc[i][j % NA]);
-      if (int4) xseg[i] += xr[i][p.Kp + (k >> 5)];
-    }
   }
   {
     const float s = w.scale(cur);
     const __m256 sv = _mm256_set1_ps(s * t.mult);
-    const float zs = int4 ? -static_cast<float>(w.zero[cur]) * s : 0.0f;
-    for (int i = 0; i < MR; ++i) {
+    for (int i = 0; i < MR; ++i)
       for (int a = 0; a < NA; ++a) tsum[i][a] = _mm256_fmadd_ps(acc[i][a], sv, tsum[i][a]);
-      corr[i] += zs * xseg[i];
-    }
   }
   for (int i = 0; i < MR; ++i) {
     tot[i] = tsum[i][0];
     for (int a = 1; a < NA; ++a) tot[i] = _mm256_add_ps(tot[i], tsum[i][a]);
   }
   for (int i = 0; i < MR; ++i) {
-    float v = hsum8(tot[i]) + corr[i];
+    float v = hsum8(tot[i]);
     if (p.bias != nullptr) v += p.bias[n];
     p.out[(m0 + i) * w.N + n] = v;
   }
@@ -137,13 +126,7 @@ inline void store_rows(const Linear4bitParams& p, index_t n, index_t m0, const _
 template <int MR, int NP>
 void gemv64_row(const Linear4bitParams& p, const Planes& t, index_t n, index_t m0, int lb) {
   const Fourbit& w = p.w;
-#ifndef TF_NA64
-#define TF_NA64 4
-#endif
-#ifndef TF_PF64
-#define TF_PF64 1024
-#endif
-  constexpr int NA = MR == 1 ? TF_NA64 : (MR == 2 ? 2 : 1);
+  constexpr int NA = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
   const index_t f0 = n * w.K;
   const uint8_t* src = w.packed + (f0 >> 1);
   const float* xr[MR];
@@ -155,8 +138,8 @@ void gemv64_row(const Linear4bitParams& p, const Planes& t, index_t n, index_t m
     corr[i] = 0.0f;
   }
   auto step = [&](index_t k, int h) __attribute__((always_inline)) {
-    if (TF_PF64 && (k & 127) == 0)
-      _mm_prefetch(reinterpret_cast<const char*>(src + (k >> 1)) + TF_PF64, _MM_HINT_T0);
+    if ((k & 127) == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(src + (k >> 1)) + 1024, _MM_HINT_T0);
     __m256 d[8];
     decode64<NP>(t, src + (k >> 1), d);
     const __m256 sv = _mm256_set1_ps(w.scale((f0 + k) >> lb) * t.mult);
