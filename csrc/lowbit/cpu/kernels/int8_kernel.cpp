@@ -59,6 +59,9 @@ void tile(const Int8GemmParams& p, index_t m0, index_t n0) {
   const int8_t* wr[NR];
   for (int i = 0; i < MR; ++i) ar[i] = p.a + (m0 + i) * p.lda;
   for (int j = 0; j < NR; ++j) wr[j] = p.w + (n0 + j) * K;
+  // Two K steps per iteration: GCC then keeps the accumulators in place (one step per
+  // iteration compiles to a register copy per accumulator; ~5 % of the M = 32 time).
+#pragma GCC unroll 2
   for (index_t k = 0; k < Kmain; k += 32) {
     if constexpr (MR == 1) {
       // GEMV: |a| once, the sign of a moved onto each weight vector (4 instead of 5 ops per
@@ -85,7 +88,7 @@ void tile(const Int8GemmParams& p, index_t m0, index_t n0) {
 #pragma GCC unroll 16
         for (int j = 0; j < NR; ++j) {
           const __m256i prod16 = _mm256_maddubs_epi16(uw[j], _mm256_sign_epi8(av, wv[j]));
-          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(prod16, ones));
+          acc[i][j] = _mm256_add_epi32(_mm256_madd_epi16(prod16, ones), acc[i][j]);
         }
       }
     }
