@@ -19,9 +19,10 @@ struct Prepared {
   cuda::CudaAttentionParams p;
   BlockSparseArgs a;
   std::vector<at::Tensor> keep;
-  const at::Tensor& hold(at::Tensor t) {
-    keep.push_back(std::move(t));
-    return keep.back();
+  // By value: a later push_back may move the vector's storage.
+  at::Tensor hold(at::Tensor t) {
+    keep.push_back(t);
+    return t;
   }
 };
 
@@ -44,10 +45,10 @@ void prepare(const BsShapes& s, const at::Tensor& q, const at::Tensor& k, const 
   p.max_sq = s.Sq;
   p.max_sk = s.Sk;
   p.scale = scale;
-  const at::Tensor& cc = pr.hold(counts.to(q.device()).contiguous());
-  const at::Tensor& ic = pr.hold(indices.to(q.device()).contiguous());
-  const at::Tensor& qcd = pr.hold(qc.to(q.device()));
-  const at::Tensor& qid = pr.hold(qi.to(q.device()));
+  const at::Tensor cc = pr.hold(counts.to(q.device()).contiguous());
+  const at::Tensor ic = pr.hold(indices.to(q.device()).contiguous());
+  const at::Tensor qcd = pr.hold(qc.to(q.device()));
+  const at::Tensor qid = pr.hold(qi.to(q.device()));
   pr.a = BlockSparseArgs{rows(cc, ic), rows(qcd, qid), bq, bk, causal};
 }
 

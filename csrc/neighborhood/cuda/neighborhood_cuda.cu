@@ -20,9 +20,10 @@ struct Prepared {
   cuda::CudaAttentionParams p;
   cuda::CudaWindowBias x;
   std::vector<at::Tensor> keep;
-  const at::Tensor& hold(at::Tensor t) {
-    keep.push_back(std::move(t));
-    return keep.back();
+  // By value: a later push_back may move the vector's storage.
+  at::Tensor hold(at::Tensor t) {
+    keep.push_back(t);
+    return t;
   }
 };
 
@@ -34,7 +35,7 @@ void prepare(const WinShapes& s, const at::Tensor& q, const at::Tensor& k, const
   p.q = cuda_operand(pr.hold(unit_channel_stride(to_tokens(s, q))));
   p.k = cuda_operand(pr.hold(unit_channel_stride(to_tokens(s, k))));
   p.v = cuda_operand(pr.hold(unit_channel_stride(to_tokens(s, v))));
-  const at::Tensor& cu = pr.hold(s.cu.to(q.device()));
+  const at::Tensor cu = pr.hold(s.cu.to(q.device()));
   p.cu_q = p.cu_k = cu.const_data_ptr<int64_t>();
   p.B = s.B * s.G;  // one sequence per (batch element, dilation group)
   p.H = s.H;

@@ -204,9 +204,12 @@ void bwd_step(const AttentionParams<T>& p, const T* Q, index_t ldq, const T* dO,
   const index_t kn16 = round_up(kn, 16);
   gemm<GemmOut::kStoreScaled>(qm, kn16, p.D, Q, ldq, 1, KT, ldkt, S, BK, &c2);
   mask(S, kn, kn16);
-  for (index_t i = 0; i < qm; ++i) {  // P = exp2(s - lse2)
+  // P = exp2(s - lse2): s - lse2 <= 0 up to rounding (lse2 bounds the row's logits), -inf for
+  // rows without keys (lse2 = +inf), so the clamp-free exp2 applies.
+  for (index_t i = 0; i < qm; ++i) {
     T* row = S + i * BK;
-    for (index_t j = 0; j < kn16; j += W) storev(row + j, exp2v(loadv(row + j) - lse2[i]));
+    const vec_t<T> l2 = splatv(lse2[i]);
+    for (index_t j = 0; j < kn16; j += W) storev(row + j, exp2v_nonpos(loadv(row + j) - l2));
   }
   gemm<GemmOut::kAccumulate>(kn, p.Dvp, qm, S, 1, BK, dO, lddo, dV, p.Dvp);
   gemm<GemmOut::kStore>(qm, kn16, p.Dv, dO, lddo, 1, VT, ldvt, dP, BK);
