@@ -285,3 +285,36 @@ def test_convert_dinat_matches_unfused_formulation():
                                    drop_path_rate=0.0)
     converted, _ = _check_vision_conversion(transformers.DinatModel, cfg, ("rpb", "bias"), 64)
     assert "dilation=2" in repr(converted.encoder.levels[0].layers[1].attention.self)
+
+
+@pytest.mark.parametrize("linear", [None, "int8", "nf4"])
+def test_converted_bert_compiles_without_graph_breaks(linear):
+    """A whole converted model (fused attention, optionally quantised linears) is one graph
+    under torch.compile and gives the eager numbers."""
+    model = _tiny_bert()
+    ids, mask = _bert_inputs()
+    tilefuse.convert(model, linear=linear)
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        out = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_converted_swin_compiles_without_graph_breaks():
+    cfg = transformers.SwinConfig(image_size=60, patch_size=4, embed_dim=24, depths=[2, 2],
+                                  num_heads=[2, 4], window_size=4, attention_probs_dropout_prob=0.0,
+                                  hidden_dropout_prob=0.0, drop_path_rate=0.0)
+    model = transformers.SwinModel(cfg).eval()
+    tilefuse.convert(model)
+    x = torch.randn(2, 3, 60, 60)
+    with torch.no_grad():
+        eager = model(x).last_hidden_state
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(x).last_hidden_state
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
