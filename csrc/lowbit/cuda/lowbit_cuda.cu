@@ -403,12 +403,30 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed,
   at::Tensor x2 = x.reshape({-1, w.K});
   const int64_t M = x2.size(0);
   if (M == 0 || w.N == 0) return at::empty(out_shape, x.options());
+  if (M > cuda::kLinear4bitGemvMaxM && (xt == at::kHalf || xt == at::kBFloat16)) {
+    // More than 8 rows of fp16 / bf16 activations: the fused dequantise-GEMM (tensor cores,
+    // fp32 accumulation; each weight is its fp32 dequantised value rounded once to the
+    // activation dtype, unlike the CPU op, which keeps it in fp32).
+    at::Tensor xc = x2.contiguous();
+    at::Tensor b32;
+    if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+    at::Tensor out = at::empty({M, w.N}, xc.options());
+    cuda::Linear4bitGemvArgs p;
+    p.w = w;
+    p.x = xc.const_data_ptr();
+    p.M = M;
+    p.ldx = w.K;
+    p.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
+    p.out = out.mutable_data_ptr();
+    p.dtype = lowbit_dtype(xt);
+    cuda::linear_4bit_gemm(p, current_stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out.view(out_shape);
+  }
   if (M > cuda::kLinear4bitGemvMaxM) {
-    // More than 8 activation rows: the weight is dequantised to the activation dtype by the
-    // kernel above and multiplied by cuBLAS (fp32 accumulation; fp16 / bf16 weights are the
-    // fp32 dequantised values rounded once to that dtype, unlike the CPU op, which keeps them in
-    // fp32; fp32 activations use an fp32 GEMM, TF32 only if the user enabled it). Costs one
-    // [N, K] buffer of the activation dtype per call.
+    // More than 8 rows of fp32 activations: the weight is dequantised to fp32 by the kernel
+    // above and multiplied by cuBLAS (an fp32 GEMM, TF32 only if the user enabled it). Costs
+    // one [N, K] fp32 buffer per call.
     at::Tensor wd = dequantize_to(w, packed.options(), xt);
     at::Tensor y = bias.has_value() ? at::addmm(bias->to(xt), x2, wd.t()) : at::mm(x2, wd.t());
     return y.view(out_shape);

@@ -104,5 +104,9 @@ void quantize_blockwise8(const float* x, index_t n, index_t block, const float* 
 /// out[N * K] = dequant(w), in out_dtype (computed in fp32, rounded once).
 void dequantize_4bit(const Fourbit4& w, void* out, LowbitDtype out_dtype, cudaStream_t stream);
 void linear_4bit_gemv(const Linear4bitGemvArgs& p, cudaStream_t stream);
+/// Fused dequantise-GEMM for any M, fp16 / bf16 activations only (dtype kFloat16 / kBFloat16;
+/// other dtypes launch nothing): the same arguments as the GEMV, x rows ldx apart, out [M, N].
+/// Weights are dequantised in fp32 and rounded once to the activation dtype per tile.
+void linear_4bit_gemm(const Linear4bitGemvArgs& p, cudaStream_t stream);
 
 }  // namespace tilefuse::cuda

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // CUDA 4-bit kernels (nf4 / fp4 / e2m1 / int4, bitsandbytes' layout): blockwise quantisation,
 // the 8-bit blockwise quantiser of double quantisation, dequantisation, and the fused
-// dequantise-GEMV of linear_4bit for up to 8 activation rows. Torch-free.
+// dequantise-GEMV of linear_4bit for up to 8 activation rows, and the fused dequantise-GEMM for
+// more rows with fp16 / bf16 activations. Torch-free.
 //
 // Quantisers are bit-identical to the CPU ones (csrc/lowbit/cpu/kernels/quant_kernel.cpp): the
 // same fp32 operations, written with _rn intrinsics so that no FMA contraction or fast-math
@@ -22,6 +23,7 @@
 // handles columns l, l + 32, ... with the block index and scale taken per element.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 
 #include <cstdint>
 
@@ -344,6 +346,94 @@ void launch_gemv(const Linear4bitGemvArgs& p, cudaStream_t stream) {
   else launch_gemv_path<T, false>(p, stream);
 }
 
+// ------------------------------------------------------------------------------------ GEMM
+
+// Fused dequantise-GEMM (M > 8, fp16 / bf16 activations): CTA tile 64 (M) x 64 (N) x 32 (K),
+// 4 warps as 2 x 2, each 32 x 32 = 2 x 2 wmma fragments (16x16x16, fp32 accumulation). Per K
+// step the CTA stages x[64 x 32] and the decoded weights w[64 x 32] (rows of the [N, K] weight:
+// a col-major matrix_b, so the product is x . w^T without repacking) in shared memory; each
+// weight is table[q] * scale (int4: (q - zero) * scale) in fp32, rounded once to the
+// activation dtype, exactly as the dequantise + cuBLAS path would see it. Loads past M, N, K
+// are zeros. The weight bytes are read once per CTA row of the grid (M / 64 times in all)
+// instead of materialising an [N, K] copy per call.
+constexpr int kGM = 64, kGN = 64, kGK = 32, kGThreads = 128, kGLd = kGK + 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kGThreads) linear_4bit_gemm_kernel(Linear4bitGemvArgs p) {
+  using namespace nvcuda;
+  __shared__ __align__(128) T As[kGM * kGLd];
+  __shared__ __align__(128) T Bs[kGN * kGLd];
+  __shared__ __align__(128) float Cs[kGThreads / 32][16 * 16];
+  __shared__ float tab[16];
+  const Fourbit4& w = p.w;
+  if (threadIdx.x < 16) tab[threadIdx.x] = lowbit::code4_value(w.fmt, int(threadIdx.x));
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wm = warp >> 1, wn = warp & 1;
+  const index_t m0 = index_t(blockIdx.x) * kGM, n0 = index_t(blockIdx.y) * kGN;
+  const bool int4 = w.fmt == Fmt4::kInt4;
+  const T* x = static_cast<const T*>(p.x);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  __syncthreads();  // tab
+  for (index_t k0 = 0; k0 < w.K; k0 += kGK) {
+    for (int e = tid; e < kGM * kGK; e += kGThreads) {
+      const int r = e / kGK, c = e % kGK;
+      const index_t m = m0 + r, k = k0 + c;
+      As[r * kGLd + c] = (m < p.M && k < w.K) ? x[m * p.ldx + k] : from_float<T>(0.0f);
+    }
+    for (int e = tid; e < kGN * kGK; e += kGThreads) {
+      const int r = e / kGK, c = e % kGK;
+      const index_t n = n0 + r, k = k0 + c;
+      float v = 0.0f;
+      if (n < w.N && k < w.K) {
+        const index_t flat = n * w.K + k, b = flat >> w.block_shift;
+        const uint32_t byte = w.packed[flat >> 1];
+        const uint32_t code = (flat & 1) ? (byte & 15u) : (byte >> 4);
+        v = dequant_value(tab[code], int4 ? static_cast<float>(w.zero[b]) : 0.0f, w.scale(b),
+                          int4);
+      }
+      Bs[r * kGLd + c] = from_float<T>(v);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kGK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(fa[i], As + (wm * 32 + i * 16) * kGLd + kk, kGLd);
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::load_matrix_sync(fb[j], Bs + (wn * 32 + j * 16) * kGLd + kk, kGLd);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    __syncthreads();  // As / Bs are rewritten by the next K step
+  }
+  T* out = static_cast<T*>(p.out);
+  float* cs = Cs[warp];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(cs, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const index_t m = m0 + wm * 32 + i * 16 + e / 16, n = n0 + wn * 32 + j * 16 + e % 16;
+        if (m < p.M && n < w.N) {
+          const float bias = p.bias != nullptr ? p.bias[n] : 0.0f;
+          out[m * w.N + n] = from_float<T>(cs[e] + bias);
+        }
+      }
+      __syncwarp();
+    }
+}
+
 int log2_pow2(index_t v) {
   int l = 0;
   while ((index_t(1) << l) < v) ++l;
@@ -383,6 +473,16 @@ void dequantize_4bit(const Fourbit4& w, void* out, LowbitDtype out_dtype, cudaSt
       break;
     default: dequantize_4bit_kernel<<<grid, kThreads, 0, stream>>>(w, static_cast<float*>(out));
   }
+}
+
+void linear_4bit_gemm(const Linear4bitGemvArgs& p, cudaStream_t stream) {
+  if (p.M <= 0 || p.w.N <= 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.M, kGM)),
+                  static_cast<unsigned>(ceil_div(p.w.N, kGN)));
+  if (p.dtype == LowbitDtype::kFloat16)
+    linear_4bit_gemm_kernel<__half><<<grid, kGThreads, 0, stream>>>(p);
+  else if (p.dtype == LowbitDtype::kBFloat16)
+    linear_4bit_gemm_kernel<__nv_bfloat16><<<grid, kGThreads, 0, stream>>>(p);
 }
 
 void linear_4bit_gemv(const Linear4bitGemvArgs& p, cudaStream_t stream) {
