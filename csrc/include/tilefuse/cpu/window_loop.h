@@ -110,34 +110,6 @@ void transpose_ptrs(const T* const* rows, index_t n8, index_t C, T* dst, index_t
   }
 }
 
-/// 2^x for x <= 0 (softmax arguments: logits minus their row maximum): relative error ~1e-7
-/// (degree-6 minimax polynomial on [-1/2, 1/2]), x < -127 (masked: -inf) gives exactly 0 with
-/// no blend (the exponent field is then 0), NaN stays NaN. Lighter than vec.h's general exp2v
-/// (no upper clamp, one polynomial term less): the softmax of small window tiles is a third
-/// of their time.
-static inline vec_t<float> exp2_neg(vec_t<float> x) {
-  using v8f = vec_t<float>;
-  typedef int32_t v8i __attribute__((vector_size(32)));
-  const v8f lo = splatv(-127.f);
-  const v8f xc = x < lo ? lo : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const v8f t = xc + magic;
-  const v8f f = xc - (t - magic);  // in [-1/2, 1/2]
-  v8f p = splatv(1.5337832155637443e-04f);
-  p = p * f + 1.3399862218648195e-03f;
-  p = p * f + 9.6185188740491867e-03f;
-  p = p * f + 5.5503290146589279e-02f;
-  p = p * f + 2.4022646248340607e-01f;
-  p = p * f + 6.9314718246459961e-01f;
-  p = p * f + 1.0f;
-  v8i ti;
-  std::memcpy(&ti, &t, sizeof(ti));
-  const v8i e = (ti - (0x4B400000 - 127)) << 23;
-  v8f scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
-}
-static inline vec_t<double> exp2_neg(vec_t<double> x) { return exp2v(x); }
 
 /// C[m, W cols] = sc * A B (or without sc): one-vector-wide micro-kernel for the last W
 /// columns of a tile whose width is a multiple of W but not of 2W (gemm.h works in 2W).
@@ -590,7 +562,8 @@ void single_softmax(T* S, const T* tile, index_t qm, index_t ld, T* l, T* mx) {
     const T m1 = mx[i + 1] == kNegInf<T> ? T(0) : mx[i + 1];
     vec_t<T> s0{}, s1{};
     for (index_t j = 0; j < ld; j += W) {
-      const vec_t<T> e0 = exp2_neg(loadv(r0 + j) - m0), e1 = exp2_neg(loadv(r1 + j) - m1);
+      const vec_t<T> e0 = exp2v_nonpos(loadv(r0 + j) - m0);
+      const vec_t<T> e1 = exp2v_nonpos(loadv(r1 + j) - m1);
       storev(r0 + j, e0);
       storev(r1 + j, e1);
       s0 += e0;
@@ -604,7 +577,7 @@ void single_softmax(T* S, const T* tile, index_t qm, index_t ld, T* l, T* mx) {
     const T m0 = mx[i] == kNegInf<T> ? T(0) : mx[i];
     vec_t<T> s0{};
     for (index_t j = 0; j < ld; j += W) {
-      const vec_t<T> e0 = exp2_neg(loadv(r0 + j) - m0);
+      const vec_t<T> e0 = exp2v_nonpos(loadv(r0 + j) - m0);
       storev(r0 + j, e0);
       s0 += e0;
     }
@@ -967,7 +940,7 @@ void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
       const T* tr = tile + i * ld;
       const T l2 = s.lse2[i];
       for (index_t j = 0; j < ld; j += W)
-        storev(row + j, exp2_neg(loadv(row + j) + loadv(tr + j) - l2));
+        storev(row + j, exp2v_nonpos(loadv(row + j) + loadv(tr + j) - l2));
     }
     gemm<GemmOut::kStore>(kn, p.Dvp, qm, S, 1, ld, s.dOg.data(), p.Dvp, s.dVg.data(), p.Dvp);
     gemm_store_w<false>(qm, ld, p.Dv, s.dOg.data(), p.Dvp, 1, s.VT.data(), ld, dP, ld, T(1));
