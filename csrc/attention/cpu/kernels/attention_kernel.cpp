@@ -11,6 +11,11 @@ void transpose_heads(const Operand<T>& src, index_t H, index_t Tn, index_t C, T*
   attn_detail::transpose_heads(src, H, Tn, C, dst, ld, r);
 }
 template <class T>
+void pack_heads(const Operand<T>& src, index_t H, index_t Tn, index_t C, T* dst, index_t width,
+                bool panel, const ParallelRunner& r) {
+  attn_detail::pack_heads(src, H, Tn, C, dst, width, panel, r);
+}
+template <class T>
 void attention_fwd_dense(const AttentionParams<T>& p, const ParallelRunner& r) {
   attn_detail::attention_fwd<DenseMask>(p, {}, r);
 }
@@ -32,6 +37,8 @@ void attention_bwd_band(const AttentionParams<T>& p, const BandMask::Args& m,
 #define TF_INSTANTIATE(T)                                                                 \
   template void transpose_heads<T>(const Operand<T>&, index_t, index_t, index_t, T*, index_t, \
                                    const ParallelRunner&);                                \
+  template void pack_heads<T>(const Operand<T>&, index_t, index_t, index_t, T*, index_t, bool, \
+                              const ParallelRunner&);                                     \
   template void attention_fwd_dense<T>(const AttentionParams<T>&, const ParallelRunner&); \
   template void attention_fwd_band<T>(const AttentionParams<T>&, const BandMask::Args&,   \
                                       const ParallelRunner&);                             \

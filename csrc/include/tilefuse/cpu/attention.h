@@ -17,6 +17,11 @@ constexpr index_t kAttnTileK = 128;
   template <class T>                                                                         \
   void transpose_heads(const Operand<T>& src, index_t H, index_t Tn, index_t C, T* dst,       \
                        index_t ld, const ParallelRunner& r);                                 \
+  /* Per-head repack: dst[(h Tn + t) width + c] (head-major rows), or with panel             \
+     dst[((h (width / 16) + c / 16) Tn + t) 16 + c % 16] (16-column panels); zeros past C. */ \
+  template <class T>                                                                         \
+  void pack_heads(const Operand<T>& src, index_t H, index_t Tn, index_t C, T* dst,            \
+                  index_t width, bool panel, const ParallelRunner& r);                       \
   template <class T>                                                                         \
   void attention_fwd_dense(const AttentionParams<T>& p, const ParallelRunner& r);            \
   template <class T>                                                                         \

@@ -244,8 +244,11 @@ void fwd_tile(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
   fwd_init(qm, p.Dvp, s);
   index_t klo, khi;
   mask.key_range(q0, q0 + qm, klo, khi);
-  // Key tiles start at the first visible key (not at a multiple of BK): a band of width w
-  // then costs (BQ + w) keys per query tile instead of up to (BQ + w + 2 BK).
+  // Key tiles start at the first visible key rounded down to 16 (not at a multiple of BK): a
+  // band of width w then costs (BQ + w + < 16) keys per query tile instead of up to
+  // (BQ + w + 2 BK), and the K^T rows are read with 64-byte aligned vector loads (an unaligned
+  // start made every other load split across two cache lines).
+  klo = klo / 16 * 16;
   for (index_t k0 = klo; k0 < khi; k0 += BK) {
     const index_t kn = imin(BK, khi - k0);
     const int state = mask.tile(q0, q0 + qm, k0, k0 + kn);
@@ -391,6 +394,31 @@ void transpose_heads(const Operand<T>& src, index_t H, index_t Tn, index_t C, T*
     }
     if (t0 + TB >= Tn)  // the last block also clears the readable tail
       for (index_t c = 0; c < C; ++c) std::fill(d + c * ld + tn, d + c * ld + (Tn + 16 - t0), T(0));
+  });
+}
+
+template <class T>
+void pack_heads(const Operand<T>& src, index_t H, index_t Tn, index_t C, T* dst, index_t width,
+                bool panel, const ParallelRunner& r) {
+  constexpr index_t TB = 64;  // tokens per work item
+  const index_t blocks = ceil_div(Tn, TB), panels = width / 16;
+  for_each_item(r, H * blocks, 0, [&](index_t it, int) {
+    const index_t h = it / blocks, t0 = (it % blocks) * TB, t1 = imin(Tn, t0 + TB);
+    for (index_t t = t0; t < t1; ++t) {
+      const T* s = src.at(h, t);
+      if (!panel) {
+        T* d = dst + (h * Tn + t) * width;
+        std::copy(s, s + C, d);
+        std::fill(d + C, d + width, T(0));
+        continue;
+      }
+      for (index_t q = 0; q < panels; ++q) {
+        T* d = dst + ((h * panels + q) * Tn + t) * 16;
+        const index_t n = imax(0, imin(16, C - 16 * q));
+        std::copy(s + 16 * q, s + 16 * q + n, d);
+        std::fill(d + n, d + 16, T(0));
+      }
+    }
   });
 }
 
