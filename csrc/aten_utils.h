@@ -28,6 +28,17 @@ inline void advise_huge_pages(const at::Tensor& t) {
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
 }
 
+/// at::empty with huge pages advised (large scratch and result buffers of the adapters).
+inline at::Tensor empty_huge(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(shape, opts);
+  advise_huge_pages(t);
+  return t;
+}
+/// at::zeros with huge pages advised before the zero fill touches the pages.
+inline at::Tensor zeros_huge(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  return empty_huge(shape, opts).zero_();
+}
+
 /// \brief A ParallelRunner on torch's intra-op thread pool (honours torch.set_num_threads).
 inline ParallelRunner aten_runner() {
   ParallelRunner r;

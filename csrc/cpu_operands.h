@@ -134,8 +134,8 @@ struct GradBuffers {
 template <class T>
 GradBuffers grad_buffers(AttentionParams<T>& p, const at::TensorOptions& opts) {
   auto o = opts.dtype(c10::CppTypeToScalarType<T>::value);
-  GradBuffers g{at::zeros({p.n_kv_chunks, p.H, p.Tq, p.Dp}, o), at::zeros({p.H, p.Tk, p.Dp}, o),
-                at::zeros({p.H, p.Tk, p.Dvp}, o)};
+  GradBuffers g{zeros_huge({p.n_kv_chunks, p.H, p.Tq, p.Dp}, o), zeros_huge({p.H, p.Tk, p.Dp}, o),
+                zeros_huge({p.H, p.Tk, p.Dvp}, o)};
   p.dq = g.dq.mutable_data_ptr<T>();
   p.dk = g.dk.mutable_data_ptr<T>();
   p.dv = g.dv.mutable_data_ptr<T>();

@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   out_shape.back() = s.Dv;
   std::vector<int64_t> lse_shape(q.sizes().begin(), q.sizes().end() - 1);
   const at::ScalarType ct = compute_type(q);
-  at::Tensor out_c = at::empty(out_shape, q.options().dtype(ct));
+  at::Tensor out_c = empty_huge(out_shape, q.options().dtype(ct));
   at::Tensor lse = at::empty(lse_shape, q.options().dtype(ct));
   if (key_mask.has_value()) {
     const PackedKeys pk = pack_keys(s, k, v, *key_mask, wl, wr);
@@ -146,9 +146,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   TORCH_CHECK_VALUE(q.device().is_cpu(), "attention: the CPU kernel got q on ", q.device());
   check_bwd_args(s, dout, dlse, q, out, lse);
   const at::ScalarType ct = compute_type(q);
-  at::Tensor dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
-  at::Tensor dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  at::Tensor dq = zeros_huge(q.sizes(), q.options());
+  at::Tensor dk = zeros_huge(k.sizes(), k.options());
+  at::Tensor dv = zeros_huge(v.sizes(), v.options());
   if (key_mask.has_value()) {
     const PackedKeys pk = pack_keys(s, k, v, *key_mask, wl, wr);
     if (s.Tq == 0 || pk.s.Tk == 0) return {dq, dk, dv};
