@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "lowbit/lowbit_args.h"
 #include "tilefuse/cpu/isa.h"
 #include "tilefuse/cpu/lowbit.h"
 
@@ -16,20 +17,6 @@ using lowbit::Fmt4;
 
 bool avx2() { return cpu::current_isa() == Isa::kAvx2; }
 
-Fmt4 parse_fmt(const char* op, c10::string_view fmt) {
-  if (fmt == "nf4") return Fmt4::kNF4;
-  if (fmt == "fp4") return Fmt4::kFP4;
-  if (fmt == "e2m1") return Fmt4::kE2M1;
-  if (fmt == "int4") return Fmt4::kInt4;
-  TORCH_CHECK_VALUE(false, op, ": fmt must be one of 'nf4', 'fp4', 'e2m1', 'int4', got '",
-                    std::string(fmt), "'");
-}
-
-void check_block_size(const char* op, const char* name, int64_t b) {
-  TORCH_CHECK_VALUE(b >= 32 && b <= 4096 && (b & (b - 1)) == 0, op, ": ", name,
-                    " must be a power of two in [32, 4096], got ", b);
-}
-
 /// Fills a Fourbit view from the op arguments, after checking every one of them.
 /// The tensors it points into are returned in `keep` (contiguous copies where needed).
 cpu::Fourbit parse_state(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
@@ -39,47 +26,18 @@ cpu::Fourbit parse_state(const char* op, const at::Tensor& packed, const at::Ten
                          const std::optional<at::Tensor>& nested_offset, c10::string_view fmt_s,
                          int64_t block, int64_t nested_block, at::IntArrayRef shape,
                          std::vector<at::Tensor>& keep) {
+  const FourbitShape f = check_4bit_state(op, packed, absmax, zero, nested_absmax, nested_code,
+                                          nested_offset, fmt_s, block, nested_block, shape);
   cpu::Fourbit w;
-  w.fmt = parse_fmt(op, fmt_s);
-  check_block_size(op, "block_size", block);
-  TORCH_CHECK_VALUE(shape.size() == 2 && shape[0] >= 0 && shape[1] >= 0, op,
-                    ": shape must be the 2-D weight shape [N, K], got ", shape);
-  w.N = shape[0];
-  w.K = shape[1];
+  w.fmt = f.fmt;
+  w.N = f.N;
+  w.K = f.K;
   w.block = block;
-  const int64_t n = w.N * w.K, nblocks = ceil_div(n, block);
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op,
-                   ": packed must be uint8 (bitsandbytes quant_storage other than uint8: "
-                   "pass packed.view(torch.uint8)), got ", packed.scalar_type());
-  TORCH_CHECK_VALUE(packed.numel() == (n + 1) / 2, op, ": packed has ", packed.numel(),
-                    " bytes but shape ", shape, " needs ", (n + 1) / 2);
   keep.push_back(packed.contiguous());
   w.packed = keep.back().const_data_ptr<uint8_t>();
-  const bool nested = nested_absmax.has_value();
-  TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == nested_offset.has_value(), op,
-                    ": nested_absmax, nested_code and nested_offset must be given together");
-  TORCH_CHECK_VALUE(absmax.numel() == nblocks, op, ": absmax must have one entry per block (",
-                    nblocks, "), got ", absmax.numel());
-  if (nested) {
-    TORCH_CHECK_TYPE(absmax.scalar_type() == at::kByte, op,
-                     ": with double quantisation absmax must be uint8 codes, got ",
-                     absmax.scalar_type());
-    check_block_size(op, "nested_block_size", nested_block);
+  if (f.nested) {
     w.block2 = nested_block;
-    w.block2_shift = 0;
-    while ((int64_t(1) << w.block2_shift) < nested_block) ++w.block2_shift;
-    TORCH_CHECK_TYPE(nested_absmax->scalar_type() == at::kFloat, op,
-                     ": nested_absmax must be float32, got ", nested_absmax->scalar_type());
-    TORCH_CHECK_VALUE(nested_absmax->numel() == ceil_div(nblocks, nested_block), op,
-                      ": nested_absmax must have ", ceil_div(nblocks, nested_block),
-                      " entries, got ", nested_absmax->numel());
-    TORCH_CHECK_TYPE(nested_code->scalar_type() == at::kFloat, op,
-                     ": nested_code must be float32, got ", nested_code->scalar_type());
-    TORCH_CHECK_VALUE(nested_code->numel() == 256, op, ": nested_code must have 256 entries, got ",
-                      nested_code->numel());
-    TORCH_CHECK_TYPE(nested_offset->scalar_type() == at::kFloat, op,
-                     ": nested_offset must be float32, got ", nested_offset->scalar_type());
-    TORCH_CHECK_VALUE(nested_offset->numel() == 1, op, ": nested_offset must have one element");
+    w.block2_shift = log2_pow2(nested_block);
     keep.push_back(absmax.contiguous());
     w.qabsmax = keep.back().const_data_ptr<uint8_t>();
     keep.push_back(nested_absmax->contiguous());
@@ -88,17 +46,10 @@ cpu::Fourbit parse_state(const char* op, const at::Tensor& packed, const at::Ten
     w.code2 = keep.back().const_data_ptr<float>();
     w.offset = nested_offset->item<float>();
   } else {
-    TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
-                     absmax.scalar_type());
     keep.push_back(absmax.contiguous());
     w.absmax = keep.back().const_data_ptr<float>();
   }
   if (w.fmt == Fmt4::kInt4) {
-    TORCH_CHECK_VALUE(zero.has_value(), op, ": fmt 'int4' needs zero (uint8 zero points)");
-    TORCH_CHECK_TYPE(zero->scalar_type() == at::kByte, op, ": zero must be uint8, got ",
-                     zero->scalar_type());
-    TORCH_CHECK_VALUE(zero->numel() == nblocks, op, ": zero must have one entry per block (",
-                      nblocks, "), got ", zero->numel());
     keep.push_back(zero->contiguous());
     w.zero = keep.back().const_data_ptr<uint8_t>();
   }
@@ -110,11 +61,7 @@ cpu::Fourbit parse_state(const char* op, const at::Tensor& packed, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& w,
                                                                  c10::string_view fmt_s,
                                                                  int64_t block) {
-  const Fmt4 fmt = parse_fmt("quantize_4bit", fmt_s);
-  check_block_size("quantize_4bit", "block_size", block);
-  TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()),
-                   "quantize_4bit: w must be a floating tensor, got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.numel() > 0, "quantize_4bit: w must not be empty");
+  const Fmt4 fmt = check_quantize_4bit_args(w, fmt_s, block);
   at::Tensor wf = w.to(at::kFloat).contiguous().view(-1);
   const int64_t n = wf.numel(), nblocks = ceil_div(n, block);
   at::Tensor packed = at::empty({(n + 1) / 2, 1}, wf.options().dtype(at::kByte));
@@ -135,13 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tenso
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor& x,
                                                                const at::Tensor& code,
                                                                int64_t block) {
-  check_block_size("quantize_blockwise_8bit", "block_size", block);
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
-                   "quantize_blockwise_8bit: x must be a floating tensor, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(code.scalar_type() == at::kFloat,
-                   "quantize_blockwise_8bit: code must be float32, got ", code.scalar_type());
-  TORCH_CHECK_VALUE(code.numel() == 256,
-                    "quantize_blockwise_8bit: code must have 256 entries, got ", code.numel());
+  check_quantize_blockwise_8bit_args(x, code, block);
   at::Tensor xf = x.to(at::kFloat).contiguous().view(-1);
   at::Tensor c = code.contiguous();
   const int64_t n = xf.numel(), nblocks = ceil_div(n, block);
@@ -191,19 +132,9 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   const cpu::Fourbit w = parse_state("linear_4bit", packed, absmax, zero, nested_absmax,
                                      nested_code, nested_offset, fmt, block, nested_block, shape,
                                      keep);
+  check_linear_4bit_args(x, bias, w.N, w.K);
   const auto xt = x.scalar_type();
-  TORCH_CHECK_TYPE(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf || xt == at::kDouble,
-                   "linear_4bit: x must be float32, bfloat16, float16 or float64, got ", xt);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == w.K, "linear_4bit: x.shape[-1] (",
-                    x.dim() >= 1 ? x.size(-1) : -1, ") must equal in_features shape[1] (", w.K,
-                    ")");
   TORCH_CHECK_VALUE(x.device().is_cpu(), "linear_4bit: the CPU kernel got x on ", x.device());
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
-                     "linear_4bit: bias must be a floating tensor, got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.N,
-                      "linear_4bit: bias must have shape [", w.N, "], got ", bias->sizes());
-  }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = w.N;
   if (xt == at::kDouble) {

@@ -7,6 +7,7 @@
 
 #include <cmath>
 
+#include "lowbit/lowbit_args.h"
 #include "tilefuse/cpu/isa.h"
 #include "tilefuse/cpu/lowbit.h"
 
@@ -14,10 +15,6 @@ namespace tilefuse {
 namespace {
 
 using cpu::Isa;
-
-bool is_activation_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
 
 void quantize_rows(const cpu::Int8QuantParams& p, int64_t rows) {
   const bool avx2 = cpu::current_isa() == Isa::kAvx2;
@@ -28,12 +25,7 @@ void quantize_rows(const cpu::Int8QuantParams& p, int64_t rows) {
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tensor& w) {
-  TORCH_CHECK_TYPE(is_activation_dtype(w.scalar_type()) || w.scalar_type() == at::kDouble,
-                   "quantize_int8: w must be a floating tensor (float32, bfloat16, float16, "
-                   "float64), got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() == 2,
-                    "quantize_int8: w must be 2-D [out_features, in_features], got shape ",
-                    w.sizes());
+  check_quantize_int8_args(w);
   const int64_t N = w.size(0), K = w.size(1);
   at::Tensor wf = w.to(at::kFloat).contiguous();
   at::Tensor q = at::empty({N, K}, w.options().dtype(at::kChar));
@@ -52,32 +44,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tensor& w) {
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
                            const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
                            double threshold) {
-  TORCH_CHECK_TYPE(is_activation_dtype(x.scalar_type()),
-                   "int8_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kChar,
-                   "int8_linear: qweight must be int8 (from quantize_int8), got ",
-                   qweight.scalar_type());
-  TORCH_CHECK_TYPE(weight_scale.scalar_type() == at::kFloat,
-                   "int8_linear: weight_scale must be float32, got ", weight_scale.scalar_type());
-  TORCH_CHECK_VALUE(qweight.dim() == 2, "int8_linear: qweight must be 2-D [N, K], got shape ",
-                    qweight.sizes());
-  TORCH_CHECK_VALUE(x.dim() >= 1, "int8_linear: x must have at least 1 dimension");
-  const int64_t N = qweight.size(0), K = qweight.size(1);
-  TORCH_CHECK_VALUE(x.size(-1) == K, "int8_linear: x.shape[-1] (", x.size(-1),
-                    ") must equal qweight in_features (", K, ")");
-  TORCH_CHECK_VALUE(weight_scale.dim() == 1 && weight_scale.size(0) == N,
-                    "int8_linear: weight_scale must have shape [", N, "], got ",
-                    weight_scale.sizes());
-  TORCH_CHECK_VALUE(K <= cpu::kInt8MaxK, "int8_linear: in_features ", K, " exceeds ",
-                    cpu::kInt8MaxK, " (int32 accumulators could overflow)");
-  TORCH_CHECK_VALUE(std::isfinite(threshold) && threshold >= 0.0,
-                    "int8_linear: threshold must be finite and >= 0, got ", threshold);
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
-                     "int8_linear: bias must be a floating tensor, got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "int8_linear: bias must have shape [",
-                      N, "], got ", bias->sizes());
-  }
+  const auto [N, K] = check_int8_linear_args(x, qweight, weight_scale, bias, threshold);
   for (const at::Tensor* t : {&x, &qweight, &weight_scale})
     TORCH_CHECK_VALUE(t->device().is_cpu(), "int8_linear: the CPU kernel got a tensor on ",
                       t->device());

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "lowbit/lowbit_args.h"
 #include "tilefuse/cuda/lowbit.h"
 
 namespace tilefuse {
@@ -24,10 +25,6 @@ using cuda::LowbitDtype;
 using lowbit::Fmt4;
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-bool is_activation_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
 
 LowbitDtype lowbit_dtype(at::ScalarType t) {
   return t == at::kHalf ? LowbitDtype::kFloat16
@@ -45,12 +42,7 @@ void check_device(const char* op, const char* name, const at::Tensor& t, const a
 // ------------------------------------------------------------------------------------ int8
 
 std::tuple<at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tensor& w) {
-  TORCH_CHECK_TYPE(is_activation_dtype(w.scalar_type()) || w.scalar_type() == at::kDouble,
-                   "quantize_int8: w must be a floating tensor (float32, bfloat16, float16, "
-                   "float64), got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() == 2,
-                    "quantize_int8: w must be 2-D [out_features, in_features], got shape ",
-                    w.sizes());
+  check_quantize_int8_args(w);
   check_device("quantize_int8", "w", w, w.device());
   const c10::cuda::CUDAGuard guard(w.device());
   const int64_t N = w.size(0), K = w.size(1);
@@ -79,32 +71,7 @@ constexpr int64_t kFusedOutliers = 16;
 at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
                             double threshold) {
-  TORCH_CHECK_TYPE(is_activation_dtype(x.scalar_type()),
-                   "int8_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kChar,
-                   "int8_linear: qweight must be int8 (from quantize_int8), got ",
-                   qweight.scalar_type());
-  TORCH_CHECK_TYPE(weight_scale.scalar_type() == at::kFloat,
-                   "int8_linear: weight_scale must be float32, got ", weight_scale.scalar_type());
-  TORCH_CHECK_VALUE(qweight.dim() == 2, "int8_linear: qweight must be 2-D [N, K], got shape ",
-                    qweight.sizes());
-  TORCH_CHECK_VALUE(x.dim() >= 1, "int8_linear: x must have at least 1 dimension");
-  const int64_t N = qweight.size(0), K = qweight.size(1);
-  TORCH_CHECK_VALUE(x.size(-1) == K, "int8_linear: x.shape[-1] (", x.size(-1),
-                    ") must equal qweight in_features (", K, ")");
-  TORCH_CHECK_VALUE(weight_scale.dim() == 1 && weight_scale.size(0) == N,
-                    "int8_linear: weight_scale must have shape [", N, "], got ",
-                    weight_scale.sizes());
-  TORCH_CHECK_VALUE(K <= cuda::kInt8MaxK, "int8_linear: in_features ", K, " exceeds ",
-                    cuda::kInt8MaxK, " (int32 accumulators could overflow)");
-  TORCH_CHECK_VALUE(std::isfinite(threshold) && threshold >= 0.0,
-                    "int8_linear: threshold must be finite and >= 0, got ", threshold);
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
-                     "int8_linear: bias must be a floating tensor, got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "int8_linear: bias must have shape [",
-                      N, "], got ", bias->sizes());
-  }
+  const auto [N, K] = check_int8_linear_args(x, qweight, weight_scale, bias, threshold);
   const at::Device dev = x.device();
   check_device("int8_linear", "x", x, dev);
   check_device("int8_linear", "qweight", qweight, dev);
@@ -186,27 +153,8 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& qweight,
 
 // ----------------------------------------------------------------------------------- 4-bit
 
-Fmt4 parse_fmt(const char* op, c10::string_view fmt) {
-  TORCH_CHECK_VALUE(fmt == "nf4" || fmt == "fp4" || fmt == "e2m1" || fmt == "int4", op,
-                    ": fmt must be one of 'nf4', 'fp4', 'e2m1', 'int4', got '", std::string(fmt),
-                    "'");
-  return fmt == "nf4" ? Fmt4::kNF4
-                      : (fmt == "fp4" ? Fmt4::kFP4 : (fmt == "e2m1" ? Fmt4::kE2M1 : Fmt4::kInt4));
-}
-
-void check_block_size(const char* op, const char* name, int64_t b) {
-  TORCH_CHECK_VALUE(b >= 32 && b <= 4096 && (b & (b - 1)) == 0, op, ": ", name,
-                    " must be a power of two in [32, 4096], got ", b);
-}
-
-int log2_pow2(int64_t v) {
-  int l = 0;
-  while ((int64_t(1) << l) < v) ++l;
-  return l;
-}
-
-/// The CPU adapter's parse_state (same checks, same messages) plus device checks: fills a
-/// Fourbit4 of device pointers; the tensors it points into are kept alive in `keep`.
+/// check_4bit_state (lowbit/lowbit_args.h, shared with the CPU adapter) plus device checks:
+/// fills a Fourbit4 of device pointers; the tensors it points into are kept alive in `keep`.
 cuda::Fourbit4 parse_state(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
                            const std::optional<at::Tensor>& zero,
                            const std::optional<at::Tensor>& nested_absmax,
@@ -214,52 +162,24 @@ cuda::Fourbit4 parse_state(const char* op, const at::Tensor& packed, const at::T
                            const std::optional<at::Tensor>& nested_offset,
                            c10::string_view fmt_s, int64_t block, int64_t nested_block,
                            at::IntArrayRef shape, std::vector<at::Tensor>& keep) {
-  cuda::Fourbit4 w;
-  w.fmt = parse_fmt(op, fmt_s);
-  check_block_size(op, "block_size", block);
-  TORCH_CHECK_VALUE(shape.size() == 2 && shape[0] >= 0 && shape[1] >= 0, op,
-                    ": shape must be the 2-D weight shape [N, K], got ", shape);
-  w.N = shape[0];
-  w.K = shape[1];
-  w.block = block;
-  w.block_shift = log2_pow2(block);
-  const int64_t n = w.N * w.K, nblocks = ceil_div(n, block);
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op,
-                   ": packed must be uint8 (bitsandbytes quant_storage other than uint8: "
-                   "pass packed.view(torch.uint8)), got ", packed.scalar_type());
-  TORCH_CHECK_VALUE(packed.numel() == (n + 1) / 2, op, ": packed has ", packed.numel(),
-                    " bytes but shape ", shape, " needs ", (n + 1) / 2);
+  const FourbitShape f = check_4bit_state(op, packed, absmax, zero, nested_absmax, nested_code,
+                                          nested_offset, fmt_s, block, nested_block, shape);
   const at::Device dev = packed.device();
   check_device(op, "packed", packed, dev);
+  check_device(op, "absmax", absmax, dev);
+  cuda::Fourbit4 w;
+  w.fmt = f.fmt;
+  w.N = f.N;
+  w.K = f.K;
+  w.block = block;
+  w.block_shift = log2_pow2(block);
   keep.push_back(packed.contiguous());
   w.packed = keep.back().const_data_ptr<uint8_t>();
-  const bool nested = nested_absmax.has_value();
-  TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == nested_offset.has_value(), op,
-                    ": nested_absmax, nested_code and nested_offset must be given together");
-  TORCH_CHECK_VALUE(absmax.numel() == nblocks, op, ": absmax must have one entry per block (",
-                    nblocks, "), got ", absmax.numel());
-  check_device(op, "absmax", absmax, dev);
-  if (nested) {
-    TORCH_CHECK_TYPE(absmax.scalar_type() == at::kByte, op,
-                     ": with double quantisation absmax must be uint8 codes, got ",
-                     absmax.scalar_type());
-    check_block_size(op, "nested_block_size", nested_block);
-    w.block2_shift = log2_pow2(nested_block);
-    TORCH_CHECK_TYPE(nested_absmax->scalar_type() == at::kFloat, op,
-                     ": nested_absmax must be float32, got ", nested_absmax->scalar_type());
-    TORCH_CHECK_VALUE(nested_absmax->numel() == ceil_div(nblocks, nested_block), op,
-                      ": nested_absmax must have ", ceil_div(nblocks, nested_block),
-                      " entries, got ", nested_absmax->numel());
-    TORCH_CHECK_TYPE(nested_code->scalar_type() == at::kFloat, op,
-                     ": nested_code must be float32, got ", nested_code->scalar_type());
-    TORCH_CHECK_VALUE(nested_code->numel() == 256, op, ": nested_code must have 256 entries, got ",
-                      nested_code->numel());
-    TORCH_CHECK_TYPE(nested_offset->scalar_type() == at::kFloat, op,
-                     ": nested_offset must be float32, got ", nested_offset->scalar_type());
-    TORCH_CHECK_VALUE(nested_offset->numel() == 1, op, ": nested_offset must have one element");
+  if (f.nested) {
     check_device(op, "nested_absmax", *nested_absmax, dev);
     check_device(op, "nested_code", *nested_code, dev);
     check_device(op, "nested_offset", *nested_offset, dev);
+    w.block2_shift = log2_pow2(nested_block);
     keep.push_back(absmax.contiguous());
     w.qabsmax = keep.back().const_data_ptr<uint8_t>();
     keep.push_back(nested_absmax->contiguous());
@@ -269,17 +189,10 @@ cuda::Fourbit4 parse_state(const char* op, const at::Tensor& packed, const at::T
     keep.push_back(nested_offset->contiguous());
     w.offset = keep.back().const_data_ptr<float>();
   } else {
-    TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
-                     absmax.scalar_type());
     keep.push_back(absmax.contiguous());
     w.absmax = keep.back().const_data_ptr<float>();
   }
   if (w.fmt == Fmt4::kInt4) {
-    TORCH_CHECK_VALUE(zero.has_value(), op, ": fmt 'int4' needs zero (uint8 zero points)");
-    TORCH_CHECK_TYPE(zero->scalar_type() == at::kByte, op, ": zero must be uint8, got ",
-                     zero->scalar_type());
-    TORCH_CHECK_VALUE(zero->numel() == nblocks, op, ": zero must have one entry per block (",
-                      nblocks, "), got ", zero->numel());
     check_device(op, "zero", *zero, dev);
     keep.push_back(zero->contiguous());
     w.zero = keep.back().const_data_ptr<uint8_t>();
@@ -290,11 +203,7 @@ cuda::Fourbit4 parse_state(const char* op, const at::Tensor& packed, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& w,
                                                                   c10::string_view fmt_s,
                                                                   int64_t block) {
-  const Fmt4 fmt = parse_fmt("quantize_4bit", fmt_s);
-  check_block_size("quantize_4bit", "block_size", block);
-  TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()),
-                   "quantize_4bit: w must be a floating tensor, got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.numel() > 0, "quantize_4bit: w must not be empty");
+  const Fmt4 fmt = check_quantize_4bit_args(w, fmt_s, block);
   check_device("quantize_4bit", "w", w, w.device());
   const c10::cuda::CUDAGuard guard(w.device());
   at::Tensor wf = w.to(at::kFloat).contiguous().view(-1);
@@ -313,13 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tens
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor& x,
                                                                 const at::Tensor& code,
                                                                 int64_t block) {
-  check_block_size("quantize_blockwise_8bit", "block_size", block);
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
-                   "quantize_blockwise_8bit: x must be a floating tensor, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(code.scalar_type() == at::kFloat,
-                   "quantize_blockwise_8bit: code must be float32, got ", code.scalar_type());
-  TORCH_CHECK_VALUE(code.numel() == 256,
-                    "quantize_blockwise_8bit: code must have 256 entries, got ", code.numel());
+  check_quantize_blockwise_8bit_args(x, code, block);
   check_device("quantize_blockwise_8bit", "x", x, x.device());
   check_device("quantize_blockwise_8bit", "code", code, x.device());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -375,18 +278,8 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed,
   const cuda::Fourbit4 w = parse_state("linear_4bit", packed, absmax, zero, nested_absmax,
                                        nested_code, nested_offset, fmt, block, nested_block,
                                        shape, keep);
+  check_linear_4bit_args(x, bias, w.N, w.K);
   const auto xt = x.scalar_type();
-  TORCH_CHECK_TYPE(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf || xt == at::kDouble,
-                   "linear_4bit: x must be float32, bfloat16, float16 or float64, got ", xt);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == w.K, "linear_4bit: x.shape[-1] (",
-                    x.dim() >= 1 ? x.size(-1) : -1, ") must equal in_features shape[1] (", w.K,
-                    ")");
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
-                     "linear_4bit: bias must be a floating tensor, got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.N,
-                      "linear_4bit: bias must have shape [", w.N, "], got ", bias->sizes());
-  }
   const at::Device dev = packed.device();
   check_device("linear_4bit", "x", x, dev);
   if (bias.has_value()) check_device("linear_4bit", "bias", *bias, dev);

@@ -11,8 +11,7 @@
 
 namespace tilefuse::cpu {
 
-/// Largest K for which int8 x int8 -> int32 cannot overflow: 127 * 127 * K < 2^31.
-constexpr index_t kInt8MaxK = 131072;
+using lowbit::kInt8MaxK;
 /// Row padding of the int8 activation buffers (one 32-byte vector).
 constexpr index_t kInt8KPad = 32;
 

@@ -17,8 +17,7 @@ namespace tilefuse::cuda {
 /// Element type of activations / outputs (the kernels are instantiated for these three).
 enum class LowbitDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-/// Largest K for which int8 x int8 -> int32 cannot overflow: 127 * 127 * K < 2^31.
-constexpr index_t kInt8MaxK = 131072;
+using lowbit::kInt8MaxK;
 /// Row padding of the int8 activation buffer (the GEMM loads 16-byte pieces of its rows).
 constexpr index_t kInt8KPad = 16;
 

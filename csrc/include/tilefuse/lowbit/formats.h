@@ -18,6 +18,9 @@ namespace tilefuse::lowbit {
 
 enum class Fmt4 : int { kNF4 = 0, kFP4 = 1, kE2M1 = 2, kInt4 = 3 };
 
+/// Largest K for which int8 x int8 -> int32 cannot overflow: 127 * 127 * K < 2^31.
+constexpr index_t kInt8MaxK = 131072;
+
 /// \brief a * b + c with two roundings, never fused into an FMA (the kernels are built with
 /// -ffp-contract=fast), so that double-quantised scales match bitsandbytes bit for bit.
 TF_HD float mul_add_rn(float a, float b, float c) {
