@@ -296,27 +296,8 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed,
   at::Tensor x2 = x.reshape({-1, w.K});
   const int64_t M = x2.size(0);
   if (M == 0 || w.N == 0) return at::empty(out_shape, x.options());
-  if (M > cuda::kLinear4bitGemvMaxM && (xt == at::kHalf || xt == at::kBFloat16)) {
-    // More than 8 rows of fp16 / bf16 activations: the fused dequantise-GEMM (tensor cores,
-    // fp32 accumulation; each weight is its fp32 dequantised value rounded once to the
-    // activation dtype, unlike the CPU op, which keeps it in fp32).
-    at::Tensor xc = x2.contiguous();
-    at::Tensor b32;
-    if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
-    at::Tensor out = at::empty({M, w.N}, xc.options());
-    cuda::Linear4bitGemvArgs p;
-    p.w = w;
-    p.x = xc.const_data_ptr();
-    p.M = M;
-    p.ldx = w.K;
-    p.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
-    p.out = out.mutable_data_ptr();
-    p.dtype = lowbit_dtype(xt);
-    cuda::linear_4bit_gemm(p, current_stream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return out.view(out_shape);
-  }
-  if (M > cuda::kLinear4bitGemvMaxM) {
+  const bool gemv = M <= cuda::kLinear4bitGemvMaxM;
+  if (!gemv && xt == at::kFloat) {
     // More than 8 rows of fp32 activations: the weight is dequantised to fp32 by the kernel
     // above and multiplied by cuBLAS (an fp32 GEMM, TF32 only if the user enabled it). Costs
     // one [N, K] fp32 buffer per call.
@@ -324,9 +305,13 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed,
     at::Tensor y = bias.has_value() ? at::addmm(bias->to(xt), x2, wd.t()) : at::mm(x2, wd.t());
     return y.view(out_shape);
   }
-  // Few rows: the fused dequantise-GEMV (fp32 accumulation, fp32 bias, one rounding at the end).
+  // The fused kernels: the dequantise-GEMV for few rows (fp32 accumulation, fp32 bias, one
+  // rounding at the end), else the dequantise-GEMM for fp16 / bf16 (tensor cores, fp32
+  // accumulation; each weight is its fp32 dequantised value rounded once to the activation
+  // dtype, unlike the CPU op, which keeps it in fp32).
   x2 = x2.contiguous();
-  if (reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0) x2 = x2.clone();  // 16 B loads
+  if (gemv && reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0)
+    x2 = x2.clone();  // 16 B loads
   at::Tensor b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, w.N}, x2.options());
@@ -338,7 +323,10 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed,
   p.bias = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
   p.out = out.mutable_data_ptr();
   p.dtype = lowbit_dtype(xt);
-  cuda::linear_4bit_gemv(p, current_stream());
+  if (gemv)
+    cuda::linear_4bit_gemv(p, current_stream());
+  else
+    cuda::linear_4bit_gemm(p, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out.view(out_shape);
 }

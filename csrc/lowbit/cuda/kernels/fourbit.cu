@@ -27,6 +27,7 @@
 
 #include <cstdint>
 
+#include "tilefuse/cuda/float_convert.cuh"
 #include "tilefuse/cuda/lowbit.h"
 
 namespace tilefuse::cuda {
@@ -35,25 +36,6 @@ namespace {
 using lowbit::Fmt4;
 
 constexpr int kThreads = 256, kWarps = kThreads / 32;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) {
