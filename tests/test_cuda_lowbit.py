@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tilefuse
+from test_lowbit_int8 import worst_case_operands
 from tilefuse.reference import lowbit as ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -99,19 +100,7 @@ def test_int8_linear_half_dtypes(dtype, M):
 def test_int8_product_exact_on_worst_case(sign, K):
     """All entries +-127 with unit scales: the output is the int32 dot product itself."""
     M, N = 5, 11
-    if sign == "same":
-        a = torch.full((M, K), 127.0)
-        w = torch.full((N, K), 127, dtype=torch.int8)
-        w[::2] = -127
-    elif sign == "random":
-        a = torch.where(torch.rand(M, K) < 0.5, -127.0, 127.0)
-        w = torch.where(torch.rand(N, K) < 0.5, -127, 127).to(torch.int8)
-    else:
-        a = torch.full((M, K), 127.0)
-        a[:, 1::2] = -127.0
-        w = torch.full((N, K), 127, dtype=torch.int8)
-        w[:, 1::2] = -127
-        w[1::2] = -w[1::2]
+    a, w = worst_case_operands(sign, M, N, K)
     ones = torch.ones(N)
     out = tilefuse.int8_linear(a.to(DEV), w.to(DEV), ones.to(DEV)).cpu()
     exact = a.long() @ w.long().t()

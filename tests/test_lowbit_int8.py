@@ -52,12 +52,9 @@ def test_int8_linear_matches_reference(M, N, K, bias, cpu_isa):
     _close(out, ref.int8_linear(x, q, s, b), torch.float32)
 
 
-@pytest.mark.parametrize("sign", ["same", "random", "alternating"])
-def test_int8_product_exact_on_worst_case(sign, cpu_isa):
-    """All entries +-127 with unit scales: the output is the int32 dot product itself, which
-    must equal the int64 reference exactly (any 16-bit saturation in the kernel shows here)."""
-    K = 4096 + 13  # with a tail; |sum| up to 127*127*4109 = 66.3M (> 2^24: compared as floats)
-    M, N = 5, 11
+def worst_case_operands(sign, M, N, K):
+    """Activations [M, K] and int8 weights [N, K] with every entry +-127 ("same": rows of one
+    sign, "random", "alternating" columns): the largest int32 sums an int8 GEMM can see."""
     if sign == "same":
         a = torch.full((M, K), 127.0)
         w = torch.full((N, K), 127, dtype=torch.int8)
@@ -71,6 +68,16 @@ def test_int8_product_exact_on_worst_case(sign, cpu_isa):
         w = torch.full((N, K), 127, dtype=torch.int8)
         w[:, 1::2] = -127
         w[1::2] = -w[1::2]
+    return a, w
+
+
+@pytest.mark.parametrize("sign", ["same", "random", "alternating"])
+def test_int8_product_exact_on_worst_case(sign, cpu_isa):
+    """All entries +-127 with unit scales: the output is the int32 dot product itself, which
+    must equal the int64 reference exactly (any 16-bit saturation in the kernel shows here)."""
+    K = 4096 + 13  # with a tail; |sum| up to 127*127*4109 = 66.3M (> 2^24: compared as floats)
+    M, N = 5, 11
+    a, w = worst_case_operands(sign, M, N, K)
     ones = torch.ones(N)
     out = tilefuse.int8_linear(a, w, ones)  # activation scale = 127 / 127 = 1
     exact = a.long() @ w.long().t()
