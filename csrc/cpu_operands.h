@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <optional>
 #include <vector>
 
 #include "aten_utils.h"
@@ -123,6 +124,37 @@ AttentionParams<T> sequence_params(const at::Tensor& cu_q, const at::Tensor& cu_
 inline int64_t backward_kv_chunks(int64_t items, int64_t max_key_tiles) {
   const int64_t threads = at::get_num_threads();
   return items >= 2 * threads ? 1 : std::min(max_key_tiles, ceil_div(4 * threads, items));
+}
+
+/// The backward's delta = rowsum(dout * out) - dlse, [..., H] in the compute type ct. One
+/// pass over both (no dout * out temporary) when they are contiguous ct tensors.
+inline at::Tensor softmax_delta(const at::Tensor& dout, const at::Tensor& out,
+                                const std::optional<at::Tensor>& dlse, at::ScalarType ct) {
+  at::Tensor delta;
+  if (dout.scalar_type() == ct && out.scalar_type() == ct && dout.is_contiguous() &&
+      out.is_contiguous() && dout.sizes() == out.sizes() && out.dim() > 0) {
+    delta = at::empty(out.sizes().slice(0, out.dim() - 1), out.options());
+    const int64_t C = out.size(-1), rows = delta.numel();
+    AT_DISPATCH_FLOATING_TYPES(ct, "softmax_delta", [&] {
+      const scalar_t *a = dout.const_data_ptr<scalar_t>(), *b = out.const_data_ptr<scalar_t>();
+      scalar_t* d = delta.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, rows, 2048, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t *x = a + r * C, *y = b + r * C;
+          scalar_t acc[4] = {0, 0, 0, 0};
+          int64_t c = 0;
+          for (; c + 4 <= C; c += 4)
+            for (int u = 0; u < 4; ++u) acc[u] += x[c + u] * y[c + u];
+          for (; c < C; ++c) acc[0] += x[c] * y[c];
+          d[r] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        }
+      });
+    });
+  } else {
+    delta = (dout.to(ct) * out.to(ct)).sum(-1);
+  }
+  if (dlse.has_value()) delta = delta - dlse->to(ct);
+  return delta;
 }
 
 /// The backward's accumulators, zeroed and wired into p: dQ partials [chunks, H, Tq, Dp]

@@ -15,12 +15,14 @@ namespace tilefuse {
 namespace {
 
 /// Whether the tiles re-read each q / k / v row often enough to pay for head-major / panel-major
-/// copies (make_operand, panel_major_v): sequences of two or more query and key tiles, and not
-/// a narrow band, whose rows are re-read by only ~(BQ + wl + wr) / BK tiles (measured at
-/// window (256, 256), S = 16384: 188 ms forward without the copies, 196-208 ms with them).
-bool reused_rows(const AttnShapes& s, int64_t wl, int64_t wr) {
+/// copies (make_operand, panel_major_v): sequences of two or more query and key tiles, and in
+/// the forward not a narrow band, whose rows are re-read by only ~(BQ + wl + wr) / BK tiles
+/// (measured at window (256, 256), S = 16384: 188 ms forward without the copies, 196-208 ms
+/// with them). The backward streams q and dout once per key tile, so a band's backward still
+/// gains (kernel alone at (256, 256), S = 16384, one thread: ~10-15% faster head-major).
+bool reused_rows(const AttnShapes& s, int64_t wl, int64_t wr, bool backward) {
   const bool narrow_band = wl >= 0 && wr >= 0 && wl + wr + cpu::kAttnTileQ < 8 * cpu::kAttnTileK;
-  return s.B > 0 && !narrow_band && s.Tq >= 2 * cpu::kAttnTileQ * s.B &&
+  return s.B > 0 && (backward || !narrow_band) && s.Tq >= 2 * cpu::kAttnTileQ * s.B &&
          s.Tk >= 2 * cpu::kAttnTileK * s.B;
 }
 
@@ -54,7 +56,7 @@ void fwd_impl(const AttnShapes& s, const at::Tensor& q, const at::Tensor& k, con
   AttentionParams<T> p =
       sequence_params<T>(s.cu_q, s.cu_k, s.H, s.Hkv, s.Tq, s.Tk, s.D, s.Dv, scale);
   std::vector<at::Tensor> keep;
-  const bool hm = reused_rows(s, wl, wr);
+  const bool hm = reused_rows(s, wl, wr, false);
   p.q = make_operand<T>(tokens(q, s.varlen), p.Dp, false, keep, hm);
   const Operand<T> k_op = make_operand<T>(tokens(k, s.varlen), p.Dp, false, keep);
   at::Tensor ktb = transposed(k_op, s.Hkv, s.Tk, s.D, q.options());
@@ -107,12 +109,11 @@ void bwd_impl(const AttnShapes& s, const at::Tensor& dout, const std::optional<a
       sequence_params<T>(s.cu_q, s.cu_k, s.H, s.Hkv, s.Tq, s.Tk, s.D, s.Dv, scale);
   const bool vl = s.varlen;
   const at::ScalarType ct = compute_type(q);
-  at::Tensor delta = (dout.to(ct) * out.to(ct)).sum(-1);
-  if (dlse.has_value()) delta = delta - dlse->to(ct);
+  at::Tensor delta = softmax_delta(dout, out, dlse, ct);
   delta = tokens(delta.unsqueeze(-1), vl).squeeze(-1).contiguous();
   at::Tensor lse_c = tokens(lse.unsqueeze(-1), vl).squeeze(-1).contiguous();
   std::vector<at::Tensor> keep;
-  const bool hm = reused_rows(s, wl, wr);
+  const bool hm = reused_rows(s, wl, wr, true);
   p.q = make_operand<T>(tokens(q, vl), p.Dp, true, keep, hm);
   p.k = make_operand<T>(tokens(k, vl), p.Dp, true, keep, hm);
   const Operand<T> v_op = make_operand<T>(tokens(v, vl), p.Dvp, false, keep);
@@ -125,18 +126,31 @@ void bwd_impl(const AttnShapes& s, const at::Tensor& dout, const std::optional<a
   for (int64_t b = 0; b < s.B; ++b)
     max_k_tiles = std::max(max_k_tiles, ceil_div(ck[b + 1] - ck[b], cpu::kAttnTileK));
   p.n_kv_chunks = backward_kv_chunks(s.H * s.B, max_k_tiles);
-  const GradBuffers gb = grad_buffers(p, q.options());
   p.kt = ktb.const_data_ptr<T>();
   p.vt = vtb.const_data_ptr<T>();
   p.lse_in = lse_c.const_data_ptr<T>();
   p.delta = delta.const_data_ptr<T>();
+  at::Tensor dq_o = tokens(dq, vl), dk_o = tokens(dk, vl), dv_o = tokens(dv, vl);
+  const auto is_t = [](const at::Tensor& x) {
+    return x.scalar_type() == c10::CppTypeToScalarType<T>::value && x.is_contiguous();
+  };
+  if (s.H == s.Hkv && p.n_kv_chunks == 1 && p.Dp == s.D && p.Dvp == s.Dv && is_t(dq_o) &&
+      is_t(dk_o) && is_t(dv_o)) {
+    // The kernel writes the callers' outputs directly (dq arrives zeroed).
+    p.grads_token_major = true;
+    p.dq = dq_o.mutable_data_ptr<T>();
+    p.dk = dk_o.mutable_data_ptr<T>();
+    p.dv = dv_o.mutable_data_ptr<T>();
+    run_bwd(p, wl, wr);
+    return;
+  }
+  const GradBuffers gb = grad_buffers(p, q.options());
   run_bwd(p, wl, wr);
-
   // Back to the callers' layouts and dtype.
   const auto [dq_t, dk_t, dv_t] = grads_to_tokens(gb, p, scale);
-  tokens(dq, vl).copy_(dq_t);
-  tokens(dk, vl).copy_(dk_t);
-  tokens(dv, vl).copy_(dv_t);
+  dq_o.copy_(dq_t);
+  dk_o.copy_(dk_t);
+  dv_o.copy_(dv_t);
 }
 
 
@@ -150,9 +164,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   TORCH_CHECK_VALUE(q.device().is_cpu(), "attention: the CPU kernel got q on ", q.device());
   check_bwd_args(s, dout, dlse, q, out, lse);
   const at::ScalarType ct = compute_type(q);
+  // dq must start at zero (the token-major backward accumulates into it); dk and dv are
+  // overwritten in full unless keys are packed out (key_mask) or there is no work.
+  const bool fills_dkv = !key_mask.has_value() && s.Tq > 0 && s.Tk > 0;
   at::Tensor dq = zeros_huge(q.sizes(), q.options());
-  at::Tensor dk = zeros_huge(k.sizes(), k.options());
-  at::Tensor dv = zeros_huge(v.sizes(), v.options());
+  at::Tensor dk = fills_dkv ? empty_huge(k.sizes(), k.options()) : at::zeros(k.sizes(), k.options());
+  at::Tensor dv = fills_dkv ? empty_huge(v.sizes(), v.options()) : at::zeros(v.sizes(), v.options());
   if (key_mask.has_value()) {
     const PackedKeys pk = pack_keys(s, k, v, *key_mask, wl, wr);
     if (s.Tq == 0 || pk.s.Tk == 0) return {dq, dk, dv};

@@ -73,8 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bs_bwd_cpu(
     using T = decltype(tag);
     AttentionParams<T> p =
         sequence_params<T>(s.cu_q, s.cu_k, s.H, s.Hkv, s.Tq, s.Tk, s.D, s.Dv, scale);
-    at::Tensor delta = (dout.to(ct) * out.to(ct)).sum(-1);
-    if (dlse.has_value()) delta = delta - dlse->to(ct);
+    at::Tensor delta = softmax_delta(dout, out, dlse, ct);
     delta = delta.contiguous();
     const at::Tensor lse_c = lse.contiguous();
     std::vector<at::Tensor> keep;

@@ -54,6 +54,11 @@ struct AttentionParams {
   T* dk = nullptr;            // [H, Tk, Dp] per query head (GQA groups reduced by the caller)
   T* dv = nullptr;            // [H, Tk, Dvp]
   index_t n_kv_chunks = 1;    // backward splits each sequence's key tiles into this many chunks
+  // Dense / band backward only: dq, dk, dv are the caller's token-major outputs [T, H, D | Dv]
+  // instead of the buffers above: dQ accumulated into dq (zero-initialised by the caller) and
+  // scaled in the kernel, dK (scaled) and dV stored. Saves the buffers' allocation, zero fill
+  // and the copies back. Requires H == Hkv, n_kv_chunks == 1, Dp == D and Dvp == Dv.
+  bool grads_token_major = false;
 };
 
 }  // namespace tilefuse

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "tilefuse/attention/params.h"
@@ -71,45 +72,102 @@ void fwd_init(index_t qm, index_t Dvp, FwdScratch<T>& s) {
   std::fill(s.O.begin(), s.O.begin() + qm * Dvp, T(0));
 }
 
+/// Rows per strip of a ragged tile step (the GEMM micro-kernel's row count).
+constexpr index_t kStrip = 6;
+
+/// Column ranges of a partial tile, per strip of kStrip query rows: strip r only computes key
+/// columns [cols[2r], cols[2r+1]) (multiples of 16, within [0, kn16)), the hull of its rows'
+/// visible keys; every other logit of those rows is masked. A band's edge tiles then cost
+/// ~(w + kStrip + 16) keys per row instead of the tile's full width. Returns false (no ragged
+/// step) for policies without per-row key intervals. `rows` receives, per strip of kStrip key
+/// columns, the hull [rows[2c], rows[2c+1]) of the query rows whose ranges reach it.
+template <class Mask>
+bool ragged_ranges(const Mask& mask, index_t q0, index_t qm, index_t k0, index_t kn,
+                   index_t* cols, index_t* rows) {
+  if constexpr (!HasRowInterval<Mask>::value) {
+    return false;
+  } else {
+    const index_t kn16 = round_up(kn, 16);
+    for (index_t i = 0; i < qm; i += kStrip) {
+      index_t lo = kn16, hi = 0;
+      for (index_t r = i; r < imin(qm, i + kStrip); ++r) {
+        index_t j0 = k0, j1 = k0 + kn;
+        mask.row_interval(q0 + r, j0, j1);
+        if (j1 > j0) {
+          lo = imin(lo, j0 - k0);
+          hi = imax(hi, j1 - k0);
+        }
+      }
+      index_t* c = cols + 2 * (i / kStrip);
+      c[0] = hi > lo ? lo / 16 * 16 : 0;
+      c[1] = hi > lo ? round_up(hi, 16) : 0;
+    }
+    if (rows != nullptr)
+      for (index_t j = 0; j < kn; j += kStrip) {
+        index_t lo = qm, hi = 0;
+        for (index_t i = 0; i < qm; i += kStrip) {
+          const index_t* c = cols + 2 * (i / kStrip);
+          if (c[0] < imin(kn, j + kStrip) && c[1] > j) {
+            lo = imin(lo, i);
+            hi = imax(hi, imin(qm, i + kStrip));
+          }
+        }
+        rows[2 * (j / kStrip)] = hi > lo ? lo : 0;
+        rows[2 * (j / kStrip) + 1] = hi > lo ? hi : 0;
+      }
+    return true;
+  }
+}
+
 /// S = Q K^T (base-2 logits), mask(S) (the policy's mask, bias and the ragged columns), online
 /// softmax update, O = diag(alpha) O + P V, for rows [i0, i0 + qm) of the query tile (a key
 /// tile may be visible to only part of it). Q is those qm rows (row stride ldq), KT
 /// [D, >= kn16] (ld ldkt), V [kn, Dvp] (row stride ldv), or panel-major when v_ps > 0
-/// (see gemm; ldv = 16).
+/// (see gemm; ldv = 16). cols: optional per-strip column ranges (ragged_ranges; i0 = 0).
 template <class T, class MaskFn>
 void fwd_step(const AttentionParams<T>& p, const T* Q, index_t ldq, index_t i0, index_t qm,
               const T* KT, index_t ldkt, const T* V, index_t ldv, index_t kn, FwdScratch<T>& s,
-              const MaskFn& mask, index_t v_ps = 0) {
+              const MaskFn& mask, index_t v_ps = 0, const index_t* cols = nullptr) {
   constexpr int W = VecTraits<T>::W;
   const T c2 = p.scale * T(kLog2ed);  // logits in base 2
   T *S = s.S.data(), *O = s.O.data() + i0 * p.Dvp, *m = s.m.data() + i0, *l = s.l.data() + i0;
   T* alpha = s.alpha.data() + i0;
   const index_t kn16 = round_up(kn, 16);
-  gemm<GemmOut::kStoreScaled>(qm, kn16, p.D, Q, ldq, 1, KT, ldkt, S, BK, &c2);
+  if (cols == nullptr) {
+    gemm<GemmOut::kStoreScaled>(qm, kn16, p.D, Q, ldq, 1, KT, ldkt, S, BK, &c2);
+  } else {
+    for (index_t i = 0; i < qm; i += kStrip) {
+      const index_t* c = cols + 2 * (i / kStrip);
+      gemm<GemmOut::kStoreScaled>(imin(kStrip, qm - i), c[1] - c[0], p.D, Q + i * ldq, ldq, 1,
+                                  KT + c[0], ldkt, S + i * BK + c[0], BK, &c2);
+    }
+  }
   mask(S, kn, kn16);
   T* mold = s.mold.data();
   T* rsum = s.rsum.data();
   for (index_t i = 0; i < qm; ++i) {
+    const index_t c0 = cols == nullptr ? 0 : cols[2 * (i / kStrip)];
+    const index_t c1 = cols == nullptr ? kn16 : cols[2 * (i / kStrip) + 1];
     T* row = S + i * BK;
     vec_t<T> mx0 = splatv(kNegInf<T>), mx1 = mx0;
-    index_t j = 0;
-    for (; j + 2 * W <= kn16; j += 2 * W) {
+    index_t j = c0;
+    for (; j + 2 * W <= c1; j += 2 * W) {
       mx0 = vmax<T>(mx0, loadv(row + j));
       mx1 = vmax<T>(mx1, loadv(row + j + W));
     }
-    for (; j < kn16; j += W) mx0 = vmax<T>(mx0, loadv(row + j));
+    for (; j < c1; j += W) mx0 = vmax<T>(mx0, loadv(row + j));
     const T rmax = hmax<T>(vmax<T>(mx0, mx1));
     const T mnew = rmax > m[i] ? rmax : m[i];
     mold[i] = m[i];
     m[i] = mnew;
     if (mnew == kNegInf<T>) {  // every key so far masked for this row
-      std::fill(row, row + kn16, T(0));
+      std::fill(row + c0, row + c1, T(0));
       rsum[i] = 0;
       continue;
     }
     const vec_t<T> mv = splatv(mnew);
     vec_t<T> s0{}, s1{};
-    for (j = 0; j + 2 * W <= kn16; j += 2 * W) {  // two chains: the exp is throughput-bound
+    for (j = c0; j + 2 * W <= c1; j += 2 * W) {  // two chains: the exp is throughput-bound
       const vec_t<T> e0 = exp2v_nonpos(loadv(row + j) - mv);
       const vec_t<T> e1 = exp2v_nonpos(loadv(row + j + W) - mv);
       storev(row + j, e0);
@@ -117,7 +175,7 @@ void fwd_step(const AttentionParams<T>& p, const T* Q, index_t ldq, index_t i0, 
       s0 += e0;
       s1 += e1;
     }
-    for (; j < kn16; j += W) {
+    for (; j < c1; j += W) {
       const vec_t<T> e0 = exp2v_nonpos(loadv(row + j) - mv);
       storev(row + j, e0);
       s0 += e0;
@@ -138,7 +196,16 @@ void fwd_step(const AttentionParams<T>& p, const T* Q, index_t ldq, index_t i0, 
     alpha[i] = m[i] == kNegInf<T> ? T(1) : std::exp2(mold[i] - m[i]);
     l[i] = l[i] * alpha[i] + rsum[i];
   }
-  gemm<GemmOut::kScaleAccumulate>(qm, p.Dvp, kn, S, BK, 1, V, ldv, O, p.Dvp, alpha, v_ps);
+  if (cols == nullptr) {
+    gemm<GemmOut::kScaleAccumulate>(qm, p.Dvp, kn, S, BK, 1, V, ldv, O, p.Dvp, alpha, v_ps);
+    return;
+  }
+  for (index_t i = 0; i < qm; i += kStrip) {
+    const index_t* c = cols + 2 * (i / kStrip);
+    gemm<GemmOut::kScaleAccumulate>(imin(kStrip, qm - i), p.Dvp, imax(0, imin(c[1], kn) - c[0]),
+                                    S + i * BK + c[0], BK, 1, V + c[0] * ldv, ldv,
+                                    O + i * p.Dvp, p.Dvp, alpha + i, v_ps);
+  }
 }
 
 /// Writes normalised output row i of head h to global token t, and its LSE (natural log).
@@ -175,6 +242,18 @@ void store_dk_dv(const AttentionParams<T>& p, index_t h, index_t t0, index_t kn,
   std::copy(dV, dV + kn * p.Dvp, p.dv + (h * p.Tk + t0) * p.Dvp);
 }
 
+/// store_dk_dv into token-major outputs (p.grads_token_major): key t of head h at row t.
+template <class T>
+void store_dk_dv_tokens(const AttentionParams<T>& p, index_t h, index_t t0, index_t kn,
+                        const T* dK, const T* dV) {
+  for (index_t j = 0; j < kn; ++j) {
+    T* dk = p.dk + ((t0 + j) * p.H + h) * p.D;
+    const T* src = dK + j * p.Dp;
+    for (index_t c = 0; c < p.D; ++c) dk[c] = src[c] * p.scale;
+    std::copy(dV + j * p.Dvp, dV + j * p.Dvp + p.Dv, p.dv + ((t0 + j) * p.H + h) * p.Dv);
+  }
+}
+
 template <class T>
 struct BwdScratch {
   std::vector<T> S, dP, dK, dV;
@@ -197,34 +276,85 @@ template <bool kDQAccumulate, class T, class MaskFn, class DsFn>
 void bwd_step(const AttentionParams<T>& p, const T* Q, index_t ldq, const T* dO, index_t lddo,
               index_t qm, const T* lse2, const T* delta, const T* KT, index_t ldkt, const T* VT,
               index_t ldvt, const T* K, index_t ldk, index_t kn, T* dK, T* dV, T* dQ,
-              index_t lddq, BwdScratch<T>& s, const MaskFn& mask, const DsFn& after_ds) {
+              index_t lddq, BwdScratch<T>& s, const MaskFn& mask, const DsFn& after_ds,
+              const index_t* cols = nullptr, const index_t* rows = nullptr) {
   constexpr int W = VecTraits<T>::W;
   const T c2 = p.scale * T(kLog2ed);
   T *S = s.S.data(), *dP = s.dP.data();
   const index_t kn16 = round_up(kn, 16);
-  gemm<GemmOut::kStoreScaled>(qm, kn16, p.D, Q, ldq, 1, KT, ldkt, S, BK, &c2);
+  // Ragged steps (cols, rows: see ragged_ranges) restrict every GEMM to the strips' ranges;
+  // P and dS are zeroed outside a row's range so the column-strip reductions stay exact.
+  const auto col_range = [&](index_t i, index_t& c0, index_t& c1) {
+    c0 = cols == nullptr ? 0 : cols[2 * (i / kStrip)];
+    c1 = cols == nullptr ? kn16 : cols[2 * (i / kStrip) + 1];
+  };
+  // C (op)= A B per query strip over its columns: A = the strip's rows of X (ld ldx), B = BT
+  // columns [c0, c1) (ld ldbt), C = the strip's columns of Y (ld BK).
+  const auto by_query_strip = [&](auto out, const T* X, index_t ldx, index_t kdim, const T* BT,
+                                  index_t ldbt, T* Y, const T* scale) {
+    if (cols == nullptr) {
+      gemm<decltype(out)::value>(qm, kn16, kdim, X, ldx, 1, BT, ldbt, Y, BK, scale);
+      return;
+    }
+    for (index_t i = 0; i < qm; i += kStrip) {
+      index_t c0, c1;
+      col_range(i, c0, c1);
+      gemm<decltype(out)::value>(imin(kStrip, qm - i), c1 - c0, kdim, X + i * ldx, ldx, 1,
+                                 BT + c0, ldbt, Y + i * BK + c0, BK, scale);
+    }
+  };
+  // Acc[kn, C] += M^T X (M = P or dS [qm, BK], X [qm, C]) per key strip over its query rows.
+  const auto by_key_strip = [&](const T* M, const T* X, index_t ldx, index_t C, T* Acc) {
+    if (rows == nullptr) {
+      gemm<GemmOut::kAccumulate>(kn, C, qm, M, 1, BK, X, ldx, Acc, C);
+      return;
+    }
+    for (index_t j = 0; j < kn; j += kStrip) {
+      const index_t r0 = rows[2 * (j / kStrip)], r1 = rows[2 * (j / kStrip) + 1];
+      gemm<GemmOut::kAccumulate>(imin(kStrip, kn - j), C, r1 - r0, M + r0 * BK + j, 1, BK,
+                                 X + r0 * ldx, ldx, Acc + j * C, C);
+    }
+  };
+  using StoreScaled = std::integral_constant<GemmOut, GemmOut::kStoreScaled>;
+  using Store = std::integral_constant<GemmOut, GemmOut::kStore>;
+  by_query_strip(StoreScaled{}, Q, ldq, p.D, KT, ldkt, S, &c2);
   mask(S, kn, kn16);
   // P = exp2(s - lse2): s - lse2 <= 0 up to rounding (lse2 bounds the row's logits), -inf for
   // rows without keys (lse2 = +inf), so the clamp-free exp2 applies.
   for (index_t i = 0; i < qm; ++i) {
     T* row = S + i * BK;
+    index_t c0, c1;
+    col_range(i, c0, c1);
     const vec_t<T> l2 = splatv(lse2[i]);
-    for (index_t j = 0; j < kn16; j += W) storev(row + j, exp2v_nonpos(loadv(row + j) - l2));
+    std::fill(row, row + c0, T(0));
+    for (index_t j = c0; j < c1; j += W) storev(row + j, exp2v_nonpos(loadv(row + j) - l2));
+    std::fill(row + c1, row + kn16, T(0));
   }
-  gemm<GemmOut::kAccumulate>(kn, p.Dvp, qm, S, 1, BK, dO, lddo, dV, p.Dvp);
-  gemm<GemmOut::kStore>(qm, kn16, p.Dv, dO, lddo, 1, VT, ldvt, dP, BK);
+  by_key_strip(S, dO, lddo, p.Dvp, dV);
+  by_query_strip(Store{}, dO, lddo, p.Dv, VT, ldvt, dP, nullptr);
   for (index_t i = 0; i < qm; ++i) {
     T* ds = dP + i * BK;
     const T* pr = S + i * BK;
-    for (index_t j = 0; j < kn16; j += W) storev(ds + j, loadv(pr + j) * (loadv(ds + j) - delta[i]));
+    index_t c0, c1;
+    col_range(i, c0, c1);
+    std::fill(ds, ds + c0, T(0));
+    for (index_t j = c0; j < c1; j += W) storev(ds + j, loadv(pr + j) * (loadv(ds + j) - delta[i]));
+    std::fill(ds + c1, ds + kn16, T(0));
   }
   after_ds(dP);
   // Only the first kn columns of dS feed the reductions (the ragged tail may hold garbage).
-  gemm<GemmOut::kAccumulate>(kn, p.Dp, qm, dP, 1, BK, Q, ldq, dK, p.Dp);
-  if constexpr (kDQAccumulate)
-    gemm<GemmOut::kAccumulate>(qm, p.Dp, kn, dP, BK, 1, K, ldk, dQ, lddq);
-  else
-    gemm<GemmOut::kStore>(qm, p.Dp, kn, dP, BK, 1, K, ldk, dQ, lddq);
+  by_key_strip(dP, Q, ldq, p.Dp, dK);
+  constexpr GemmOut kDQ = kDQAccumulate ? GemmOut::kAccumulate : GemmOut::kStore;
+  if (cols == nullptr) {
+    gemm<kDQ>(qm, p.Dp, kn, dP, BK, 1, K, ldk, dQ, lddq);
+    return;
+  }
+  for (index_t i = 0; i < qm; i += kStrip) {
+    index_t c0, c1;
+    col_range(i, c0, c1);
+    gemm<kDQ>(imin(kStrip, qm - i), p.Dp, imax(0, imin(c1, kn) - c0), dP + i * BK + c0, BK, 1,
+              K + c0 * ldk, ldk, dQ + i * lddq, lddq);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -249,17 +379,20 @@ void fwd_tile(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
   // (BQ + w + 2 BK), and the K^T rows are read with 64-byte aligned vector loads (an unaligned
   // start made every other load split across two cache lines).
   klo = klo / 16 * 16;
+  index_t cols[2 * ((BQ + kStrip - 1) / kStrip)];
   for (index_t k0 = klo; k0 < khi; k0 += BK) {
     const index_t kn = imin(BK, khi - k0);
     const int state = mask.tile(q0, q0 + qm, k0, k0 + kn);
     if (state == kTileSkip) continue;
+    const bool ragged =
+        state == kTilePartial && ragged_ranges(mask, q0, qm, k0, kn, cols, nullptr);
     fwd_step(
         p, Q, p.q.row_stride, 0, qm, KT + k0, p.ldkt, V + k0 * p.v.row_stride, p.v.row_stride,
         kn, s,
         [&](T* S, index_t kn_, index_t kn16) {
           if (state == kTilePartial || kn16 != kn_) mask_tile(mask, state, S, qm, kn_, kn16, q0, k0);
         },
-        p.v_ps);
+        p.v_ps, ragged ? cols : nullptr);
   }
   for (index_t i = 0; i < qm; ++i) fwd_write_row(p, s, i, h, qbeg + q0 + i);
 }
@@ -313,9 +446,12 @@ void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
   const T* KT = p.kt + hk * p.D * p.ldkt + kbeg;
   const T* VT = p.vt + hk * p.Dv * p.ldvt + kbeg;
   const T* K = p.k.at(hk, kbeg);
-  T* dQ = p.dq + ((chunk * p.H + h) * p.Tq + qbeg) * p.Dp;
+  const bool tok = p.grads_token_major;
+  const index_t lddq = tok ? p.H * p.Dp : p.Dp;
+  T* dQ = tok ? p.dq + qbeg * lddq + h * p.Dp : p.dq + ((chunk * p.H + h) * p.Tq + qbeg) * p.Dp;
   T *dK = s.dK.data(), *dV = s.dV.data(), *lse2 = s.lse.data(), *delta = s.delta.data();
 
+  index_t cols[2 * ((BQ + kStrip - 1) / kStrip)], rows[2 * ((BK + kStrip - 1) / kStrip)];
   for (index_t kt = kt_begin; kt < kt_end; ++kt) {
     const index_t k0 = kt * BK, kn = imin(BK, Sk - k0);
     std::fill(dK, dK + kn * p.Dp, T(0));
@@ -326,6 +462,7 @@ void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
       const index_t qm = imin(BQ, qhi - q0);
       const int state = mask.tile(q0, q0 + qm, k0, k0 + kn);
       if (state == kTileSkip) continue;
+      const bool ragged = state == kTilePartial && ragged_ranges(mask, q0, qm, k0, kn, cols, rows);
       for (index_t i = 0; i < qm; ++i) {
         const index_t t = (qbeg + q0 + i) * p.H + h;
         const T lse = p.lse_in[t];
@@ -333,16 +470,24 @@ void bwd_item(const AttentionParams<T>& p, const typename Mask::Args& margs, ind
         delta[i] = p.delta[t];
       }
       bwd_step<true>(p, Qh + q0 * ldq, ldq, dOh + q0 * lddo, lddo, qm, lse2, delta, KT + k0,
-                     p.ldkt, VT + k0, p.ldvt, K + k0 * ldk, ldk, kn, dK, dV, dQ + q0 * p.Dp,
-                     p.Dp, s,
+                     p.ldkt, VT + k0, p.ldvt, K + k0 * ldk, ldk, kn, dK, dV, dQ + q0 * lddq,
+                     lddq, s,
                      [&](T* S, index_t kn_, index_t kn16) {
                        if (state == kTilePartial || kn16 != kn_)
                          mask_tile(mask, state, S, qm, kn_, kn16, q0, k0);
                      },
-                     [](T*) {});
+                     [](T*) {}, ragged ? cols : nullptr, ragged ? rows : nullptr);
     }
-    store_dk_dv(p, h, kbeg + k0, kn, dK, dV);
+    if (tok)
+      store_dk_dv_tokens(p, h, kbeg + k0, kn, dK, dV);
+    else
+      store_dk_dv(p, h, kbeg + k0, kn, dK, dV);
   }
+  if (tok)  // every key tile of (h, b) is done: dQ rows of this head are final
+    for (index_t i = 0; i < Sq; ++i) {
+      T* row = dQ + i * lddq;
+      for (index_t c = 0; c < p.D; ++c) row[c] *= p.scale;
+    }
 }
 
 template <class T>
