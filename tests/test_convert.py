@@ -291,7 +291,7 @@ def _minilm_low_bit_cosines(configs):
                  "Quantised linear layers should keep sentence embeddings nearly unchanged."]
     assert not set(sentences) & set(_MINILM_CALIBRATION)
     enc = tok(sentences, padding=True, return_tensors="pt")
-    calibration = [dict(tok(t, return_tensors="pt")) for t in _MINILM_CALIBRATION]  # unpadded
+    calibration = [tok(t, return_tensors="pt") for t in _MINILM_CALIBRATION]  # unpadded
 
     def embed(model):
         with torch.no_grad():

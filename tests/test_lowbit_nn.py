@@ -213,6 +213,9 @@ def test_compile_module(linear):
     x = torch.randn(3, 96)
     assert torch.equal(torch.compile(m, fullgraph=True)(x), m(x))
     assert torch.equal(torch.compile(m8, fullgraph=True)(x), m8(x))
+    ms = Int8Linear.from_linear(linear, threshold=6.0, smooth=_SMOOTH, asym_act=True)
+    x[0, 3] = 9.0  # one outlier column
+    assert torch.equal(torch.compile(ms, fullgraph=True)(x), ms(x))
 
 
 @pytest.mark.skipif(bnb is None, reason="bitsandbytes not installed (optional)")

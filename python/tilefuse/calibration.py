@@ -20,7 +20,8 @@ ordinary ones (a GPTQ-rounded NF4 weight is an ordinary bitsandbytes NF4 weight)
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from collections.abc import Mapping
+from typing import Dict, Iterable
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ class LinearStats:
 
 
 def _call(model: nn.Module, batch) -> None:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # dict, tokenizer BatchEncoding
         model(**batch)
     elif isinstance(batch, (tuple, list)):
         model(*batch)
@@ -63,7 +64,8 @@ def collect_linear_stats(model: nn.Module, calibration: Iterable, modules: Itera
                          hessian: bool = True) -> Dict[int, LinearStats]:
     """Runs ``model`` on each batch of ``calibration`` (a dict is passed as keyword arguments, a
     tuple / list as positional ones, anything else as the single argument) without gradients
-    and returns ``{id(module): LinearStats}`` for the given ``nn.Linear`` modules.
+    and returns ``{id(module): LinearStats}`` for the given ``nn.Linear`` modules. (A mapping
+    such as a tokenizer's ``BatchEncoding`` counts as a dict.)
 
     Every token of every batch counts, padding included: pass batches without padding (e.g.
     one sentence per batch) when the model pads.
@@ -106,9 +108,14 @@ def _hinv_upper(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     d = torch.diagonal(H)
     dead = d == 0
     d[dead] = 1.0  # inputs never active in calibration: no information, plain rounding
-    d += damp * d.mean()
-    L = torch.linalg.cholesky(H)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    mean = d.mean()
+    for _ in range(6):  # not positive definite in float64: more dampening, as GPTQ does
+        d += damp * mean
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        damp *= 10.0
+    raise RuntimeError("GPTQ: sum x x^T is not positive definite even with dampening")
 
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, damp: float, quantize_columns,
