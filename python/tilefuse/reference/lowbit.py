@@ -15,7 +15,8 @@ import torch
 __all__ = [
     "NF4_TABLE", "FP4_TABLE", "E2M1_TABLE", "code_table", "dynamic_map",
     "quantize_4bit", "dequantize_4bit", "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
-    "pack_nibbles", "unpack_nibbles", "quantize_int8_rows", "int8_linear", "linear_4bit",
+    "pack_nibbles", "unpack_nibbles", "quantize_int8_rows", "int8_linear", "int8_linear_asym",
+    "linear_4bit",
 ]
 
 NF4_TABLE = [
@@ -243,6 +244,31 @@ def int8_linear(x, qweight, weight_scale, bias=None, threshold=0.0):
         out = out + (xo @ wo.t()) * ws[None, :]
     if bias is not None:
         out = out + bias.to(torch.float64)
+    return out.reshape(*shape[:-1], qweight.shape[0])
+
+
+def int8_linear_asym(x, qweight, weight_scale, bias=None, threshold=0.0):
+    """Float64 reference of ``Int8Linear(asym_act=True)``: per-token asymmetric activations.
+
+    Each token is shifted by ``c = (max + min) / 2`` of its entries in the non-outlier columns
+    (all columns when ``threshold == 0``; outlier columns as in LLM.int8(): any
+    ``|x| >= threshold``), only those columns are shifted, the shifted input goes through
+    :func:`int8_linear`, and ``c * (W m)`` (``m`` = the non-outlier column mask) is added back,
+    so the product is unchanged and the symmetric int8 grid covers ``[min, max]`` instead of
+    ``[-max|x|, max|x|]``."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(torch.float32)
+    cols = (x2.abs() >= threshold).any(0) if threshold > 0 else \
+        torch.zeros(x2.shape[-1], dtype=torch.bool)
+    inf = torch.tensor(float("inf"))
+    lo = torch.where(cols, inf, x2).amin(-1, keepdim=True)
+    hi = torch.where(cols, -inf, x2).amax(-1, keepdim=True)
+    c = (lo + hi) / 2
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    m = (~cols).to(torch.float32)
+    out = int8_linear(x2 - c * m, qweight, weight_scale, bias, threshold)
+    wm = (qweight.to(torch.float64) * weight_scale.to(torch.float64)[:, None]) @ m.to(torch.float64)
+    out = out + c.to(torch.float64) * wm
     return out.reshape(*shape[:-1], qweight.shape[0])
 
 
