@@ -75,10 +75,21 @@ def minilm_section(lines, rows_out):
     rows = [["original (HF sdpa attention)", f"{t0*1e3:.1f}", "1.00", "-"],
             ["tilefuse attention", f"{t1*1e3:.1f}", f"{t0/t1:.2f}", f"{cos:.7f}"]]
     rows_out += [("MiniLM original", t0), ("MiniLM tilefuse attention", t1)]
-    for fmt in ("int8", "llm.int8", "nf4"):
+    # Calibrated options (docs/lowbit.md), calibrated on text disjoint from SENTENCES.
+    cal_text = [line for line in (Path(__file__).parent / "data" / "minilm_calibration.txt")
+                .read_text().splitlines() if line and not line.startswith("#")]
+    assert not set(cal_text) & set(SENTENCES)
+    cal = [tok(t, return_tensors="pt") for t in cal_text]
+    configs = [("int8", "int8"), ("llm.int8", "llm.int8"), ("nf4", "nf4"),
+               ("llm.int8 + SmoothQuant + GPTQ + asym. activations (calibrated)",
+                tilefuse.LinearConfig("llm.int8", smooth_alpha=0.5, gptq=True, asym_act=True,
+                                      calibration=cal)),
+               ("nf4 blocks 32 + GPTQ (calibrated)",
+                tilefuse.LinearConfig("nf4", block_size=32, gptq=True, calibration=cal))]
+    for fmt, cfg in configs:
         step(f"tilefuse attention + {fmt} linears")
         model = transformers.AutoModel.from_pretrained(path).eval()
-        tilefuse.convert(model, linear=fmt)
+        tilefuse.convert(model, linear=cfg)
         c = F.cosine_similarity(before, embed(quality)).min().item()
         t = timeit(lambda: embed(batch), max_reps=5)
         rows.append([f"tilefuse attention + {fmt} linears", f"{t*1e3:.1f}", f"{t0/t:.2f}",

@@ -2,6 +2,7 @@
 """tilefuse.nn attention layers and tilefuse.convert on Hugging Face models."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,44 +240,13 @@ def test_convert_calibrated_bert(fmt, tol):
     assert torch.equal(again, after)
 
 
-# Calibration text for the calibrated options: generic sentences, none of them (nor any text
-# close to them) among the evaluation sentences below.
+# Calibration text for the calibrated options (shared with bench/demo.py): generic sentences,
+# none of them (nor any text close to them) among the evaluation sentences below.
 _MINILM_CALIBRATION = [
-    "A man is playing a guitar on the stage.", "Good morning!", "Thanks a lot",
-    "The stock market fell sharply after the announcement of new tariffs.",
-    "Where is the nearest train station?", "I love pizza.",
-    "Neural networks learn representations from large amounts of data.",
-    "She opened the window and let the cold air in.", "Yes", "See you tomorrow",
-    "The committee will review the proposal next week and decide on funding.",
-    "How do I reset my password?", "Water boils at one hundred degrees Celsius.",
-    "Paris is the capital of France.", "What a beautiful day", "Please close the door.",
-    "My grandmother bakes bread every Sunday morning.", "No way!",
-    "The spacecraft entered orbit around Mars after a seven month journey.",
-    "Can you recommend a good book about history?", "It is raining again.",
-    "The children were laughing in the garden while their parents cooked dinner.",
-    "Turn left at the second traffic light.", "This phone has a great camera but poor battery life.",
-    "Welcome home", "The museum is closed on Mondays.", "He forgot his umbrella at the office.",
-    "Scientists discovered a new species of frog in the rainforest.",
-    "Compilers translate source code into machine instructions.", "Happy birthday to you",
-    "The river flooded the village after three days of heavy rain.", "I am not sure about that.",
-    "Our team won the championship for the first time in twenty years.",
-    "Please send me the report by Friday.", "The coffee here is excellent.", "Goodbye",
-    "Vaccines train the immune system to recognise a virus.", "Let's meet at noon.",
-    "The old bridge was replaced by a modern steel structure in 1998.",
-    "Why is the sky blue during the day and red at sunset?", "Dogs are loyal animals.",
-    "The recipe calls for two eggs, a cup of flour and some sugar.", "Nice to meet you",
-    "Electric cars are becoming cheaper every year.", "She speaks four languages fluently.",
-    "The concert was cancelled because of the storm.", "What time is it?",
-    "Machine translation has improved dramatically over the last decade.",
-    "The cat chased the mouse under the sofa.", "I would like a cup of tea, please.",
-    "The library offers free courses on programming and photography.", "Sorry for the delay",
-    "Mount Everest is the highest mountain above sea level.", "He runs five kilometres every morning.",
-    "The new policy applies to all employees starting next month.", "Congratulations!",
-    "Bananas are rich in potassium.", "The teacher explained the theorem with a simple drawing.",
-    "Traffic was terrible on the highway this evening.", "Do you want to come with us?",
-    "The painting was sold at auction for a record price.", "Keep calm and carry on",
-    "Our servers were down for two hours due to a power failure.", "Birds migrate south in winter.",
-]
+    line for line in (Path(__file__).resolve().parents[1] / "bench" / "data" /
+                      "minilm_calibration.txt").read_text().splitlines()
+    if line and not line.startswith("#")]
+assert len(_MINILM_CALIBRATION) == 64
 
 
 def _minilm_low_bit_cosines(configs):
