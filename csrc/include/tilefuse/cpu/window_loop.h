@@ -503,6 +503,87 @@ const T* mask_tile_of(typename MaskCache<T>::Entry& e, const WindowMask& m, cons
   return t;
 }
 
+/// C block [MR, NV * W] of A * B handed to epi(acc) instead of being stored: the single-block
+/// kernels fuse the softmax / gradient elementwise work into the GEMM epilogues (no extra pass
+/// over the logits tile). A is addressed as a[i * a_rs + p * a_cs], B row-major (ldb).
+template <int MR, int NV, class T, class Epi>
+inline __attribute__((always_inline)) void ukernel(index_t k, const T* a, index_t a_rs,
+                                                   index_t a_cs, const T* b, index_t ldb,
+                                                   const Epi& epi) {
+  constexpr int W = VecTraits<T>::W;
+  vec_t<T> acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = vec_t<T>{};
+  for (index_t p = 0; p < k; ++p) {
+    vec_t<T> bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = loadv(b + p * ldb + v * W);
+    const T* ap = a + p * a_cs;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const T sc = ap[i * a_rs];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] += sc * bv[v];
+    }
+  }
+  epi(acc);
+}
+
+/// Calls f(i0, std::integral_constant<int, MR>) over row blocks covering [0, m): blocks of 6
+/// (12 accumulators + 2 B vectors + 1 broadcast), the rest as blocks of 3 to 5 rows rather
+/// than a lone row (a 1-row block is bound by the FMA latency: it costs about as much as a
+/// full one), e.g. 49 = 7 x 6 + 4 + 3.
+template <class F>
+inline __attribute__((always_inline)) void row_blocks(index_t m, const F& f) {
+  using I6 = std::integral_constant<int, 6>;
+  using I5 = std::integral_constant<int, 5>;
+  using I4 = std::integral_constant<int, 4>;
+  using I3 = std::integral_constant<int, 3>;
+  using I2 = std::integral_constant<int, 2>;
+  using I1 = std::integral_constant<int, 1>;
+  index_t full = m / 6;
+  if (m % 6 == 1 && full > 0) --full;
+  index_t i = 0;
+  for (; full > 0; --full, i += 6) f(i, I6{});
+  switch (m - i) {
+    case 7: f(i, I4{}); f(i + 4, I3{}); break;
+    case 5: f(i, I5{}); break;
+    case 4: f(i, I4{}); break;
+    case 3: f(i, I3{}); break;
+    case 2: f(i, I2{}); break;
+    case 1: f(i, I1{}); break;
+    default: break;
+  }
+}
+
+/// Column blocks of a row block: f(j, std::integral_constant<int, NV>) over [0, n), n a
+/// multiple of W: pairs of vectors, and one single vector at the end when n / W is odd.
+template <class T, class F>
+inline __attribute__((always_inline)) void col_blocks(index_t n, const F& f) {
+  constexpr int W = VecTraits<T>::W;
+  index_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) f(j, std::integral_constant<int, 2>{});
+  if (j < n) f(j, std::integral_constant<int, 1>{});
+}
+
+/// row[c, c + W) = y, clipped to the row's n columns (feature dims padded to 16 in the
+/// kernels, not in the results).
+template <class T>
+inline void store_cols(T* row, index_t c, index_t n, vec_t<T> y) {
+  if (c + VecTraits<T>::W <= n) {
+    storev(row + c, y);
+  } else {
+    for (index_t u = 0; c + u < n; ++u) row[c + u] = y[u];
+  }
+}
+/// row[c, c + W) += y, clipped to n columns.
+template <class T>
+inline void add_cols(T* row, index_t c, index_t n, vec_t<T> y) {
+  for (index_t u = 0; u < VecTraits<T>::W && c + u < n; ++u) row[c + u] += y[u];
+}
+
 template <class T>
 struct SingleFwdScratch {
   std::vector<T> S, O, Qg, KT, Vg, l, mx, zeros;
@@ -590,6 +671,7 @@ void single_softmax(T* S, const T* tile, index_t qm, index_t ld, T* l, T* mx) {
 template <class T>
 void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
                      const WindowExtras<T>& x, index_t b, index_t qt, SingleFwdScratch<T>& s) {
+  constexpr int W = VecTraits<T>::W;
   const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
   const WindowMask m = WindowMask::make(args, b);
   const Box qb = m.query_tile(qt), kb = m.key_union(qb);
@@ -609,24 +691,69 @@ void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
     gather_rows<T>(ktok, kn, p.Dvp, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad, p.Dv,
                    s.Vg.data(), p.Dvp);
     T* S = s.S.data();
-    gemm_store_w<true>(qm, ld, p.D, s.Qg.data(), p.Dp, 1, s.KT.data(), ld, S, ld, c2);
     const T* tile = mask_tile_of<T>(e, m, x.bias ? x.bias + h * Rn : nullptr, x.R, h);
-    single_softmax(S, tile, qm, ld, s.l.data(), s.mx.data());
-    gemm<GemmOut::kStore>(qm, p.Dvp, kn, S, ld, 1, s.Vg.data(), p.Dvp, s.O.data(), p.Dvp);
-    for (index_t i = 0; i < qm; ++i) {
-      const index_t t = qbeg + qtok[i];
-      T* orow = p.o + (t * p.H + h) * p.Dv;
-      const T l = s.l[i];
-      if (l == 0) {  // no visible key: output 0, LSE -inf (documented)
-        std::fill(orow, orow + p.Dv, T(0));
-        p.lse[t * p.H + h] = kNegInf<T>;
-        continue;
+    // Per row block: S = c2 Q K^T + tile with the row maxima (GEMM epilogue), P = exp2(S -
+    // max) and row sums while the rows are in L1, then O = P V normalised into the output.
+    row_blocks(qm, [&](index_t i0, auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      vec_t<T> mxv[MR];
+      for (int i = 0; i < MR; ++i) mxv[i] = splatv(kNegInf<T>);
+      col_blocks<T>(ld, [&](index_t j, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        ukernel<MR, NV>(p.D, s.Qg.data() + i0 * p.Dp, p.Dp, 1, s.KT.data() + j, ld,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v) {
+                              const index_t o = (i0 + i) * ld + j + v * W;
+                              const vec_t<T> y = acc[i][v] * c2 + loadv(tile + o);
+                              storev(S + o, y);
+                              mxv[i] = vmax<T>(mxv[i], y);
+                            }
+                        });
+      });
+      T mx[MR], l[MR];
+      for (int i = 0; i < MR; ++i) {
+        mx[i] = hmax<T>(mxv[i]);
+        const T m0 = mx[i] == kNegInf<T> ? T(0) : mx[i];
+        T* r0 = S + (i0 + i) * ld;
+        vec_t<T> s0{};
+        for (index_t j = 0; j < ld; j += W) {
+          const vec_t<T> e0 = exp2v_nonpos(loadv(r0 + j) - m0);
+          storev(r0 + j, e0);
+          s0 += e0;
+        }
+        l[i] = hsum<T>(s0);
+        // A row without a visible key is all -inf: exp2 gives exact zeros (P = 0, l = 0).
       }
-      const T inv = T(1) / l;
-      const T* O = s.O.data() + i * p.Dvp;
-      for (index_t c = 0; c < p.Dv; ++c) orow[c] = O[c] * inv;
-      p.lse[t * p.H + h] = (s.mx[i] + std::log2(l)) * T(kLn2d);
-    }
+      T inv[MR];
+      T* orow[MR];
+      for (int i = 0; i < MR; ++i) {
+        const index_t t = qbeg + qtok[i0 + i];
+        orow[i] = p.o + (t * p.H + h) * p.Dv;
+        inv[i] = l[i] == 0 ? T(0) : T(1) / l[i];  // no visible key: output 0, LSE -inf
+        p.lse[t * p.H + h] = l[i] == 0 ? kNegInf<T> : (mx[i] + std::log2(l[i])) * T(kLn2d);
+      }
+      col_blocks<T>(p.Dvp, [&](index_t j, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        ukernel<MR, NV>(kn, S + i0 * ld, ld, 1, s.Vg.data() + j, p.Dvp,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v) {
+                              const index_t c = j + v * W;
+                              const vec_t<T> y = acc[i][v] * inv[i];
+                              if (c + W <= p.Dv) {
+                                storev(orow[i] + c, y);
+                              } else {
+                                for (index_t u = 0; c + u < p.Dv; ++u) orow[i][c + u] = y[u];
+                              }
+                            }
+                        });
+      });
+    });
   }
 }
 
@@ -933,52 +1060,99 @@ void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
     key_row_ptrs(p.v, hk, kbeg, ktok, kn, ld, vpad, s.zeros.data(), s.rows.data());
     transpose_ptrs(s.rows.data(), ld, p.Dv, s.VT.data(), ld);
 
-    gemm_store_w<true>(qm, ld, p.D, s.Qg.data(), p.Dp, 1, s.KT.data(), ld, S, ld, c2);
     const T* tile = mask_tile_of<T>(e, m, x.bias ? x.bias + h * Rn : nullptr, x.R, h);
-    for (index_t i = 0; i < qm; ++i) {  // P = exp2(s + mask/bias - lse2)
-      T* row = S + i * ld;
-      const T* tr = tile + i * ld;
-      const T l2 = s.lse2[i];
-      for (index_t j = 0; j < ld; j += W)
-        storev(row + j, exp2v_nonpos(loadv(row + j) + loadv(tr + j) - l2));
-    }
-    gemm<GemmOut::kStore>(kn, p.Dvp, qm, S, 1, ld, s.dOg.data(), p.Dvp, s.dVg.data(), p.Dvp);
-    gemm_store_w<false>(qm, ld, p.Dv, s.dOg.data(), p.Dvp, 1, s.VT.data(), ld, dP, ld, T(1));
-    for (index_t i = 0; i < qm; ++i) {  // dS = P (dP - Delta)
-      T* ds = dP + i * ld;
-      const T* pr = S + i * ld;
-      const T dl = s.delta[i];
-      for (index_t j = 0; j < ld; j += W) storev(ds + j, loadv(pr + j) * (loadv(ds + j) - dl));
-    }
-    if (dbias) {
-      T* acc = e.dsum.data() + h * qm * ld;
-      for (index_t j = 0; j < qm * ld; j += W) storev(acc + j, loadv(acc + j) + loadv(dP + j));
-      e.dsum_used[h] = 1;
-    }
-    gemm<GemmOut::kStore>(kn, p.Dp, qm, dP, 1, ld, s.Qg.data(), p.Dp, s.dKg.data(), p.Dp);
-    gemm<GemmOut::kStore>(qm, p.Dp, kn, dP, ld, 1, s.Kg.data(), p.Dp, s.dQg.data(), p.Dp);
-    for (index_t i = 0; i < qm; ++i) {
-      T* dst = p.dq + ((qbeg + qtok[i]) * p.H + h) * p.D;
-      const T* src = s.dQg.data() + i * p.Dp;
-      for (index_t c = 0; c < p.D; ++c) dst[c] = src[c] * p.scale;
-    }
+    T* dsum = dbias ? e.dsum.data() + h * qm * ld : nullptr;
+    if (dbias) e.dsum_used[h] = 1;
+    // Per row block, in GEMM epilogues: P = exp2(c2 Q K^T + tile - lse2), dS = P (dO V^T -
+    // Delta) (summed into the bias gradient), dQ = scale dS K written to the result rows.
+    row_blocks(qm, [&](index_t i0, auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      col_blocks<T>(ld, [&](index_t j, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        ukernel<MR, NV>(p.D, s.Qg.data() + i0 * p.Dp, p.Dp, 1, s.KT.data() + j, ld,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v) {
+                              const index_t o = (i0 + i) * ld + j + v * W;
+                              storev(S + o, exp2v_nonpos(acc[i][v] * c2 + loadv(tile + o) -
+                                                         s.lse2[i0 + i]));
+                            }
+                        });
+      });
+      col_blocks<T>(ld, [&](index_t j, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        ukernel<MR, NV>(p.Dv, s.dOg.data() + i0 * p.Dvp, p.Dvp, 1, s.VT.data() + j, ld,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v) {
+                              const index_t o = (i0 + i) * ld + j + v * W;
+                              const vec_t<T> ds = loadv(S + o) * (acc[i][v] - s.delta[i0 + i]);
+                              storev(dP + o, ds);
+                              if (dsum) storev(dsum + o, loadv(dsum + o) + ds);
+                            }
+                        });
+      });
+      T* dq[MR];
+      for (int i = 0; i < MR; ++i) dq[i] = p.dq + ((qbeg + qtok[i0 + i]) * p.H + h) * p.D;
+      col_blocks<T>(p.Dp, [&](index_t j, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        ukernel<MR, NV>(kn, dP + i0 * ld, ld, 1, s.Kg.data() + j, p.Dp,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v)
+                              store_cols(dq[i], j + v * W, p.D, acc[i][v] * p.scale);
+                        });
+      });
+    });
+    // dV = P^T dO and dK = scale dS^T Q per key row block, written to the result rows
+    // (padding keys: summed into the pad gradients).
     T* dkpad = x.dk_pad ? x.dk_pad + (chunk * p.H + h) * p.D : nullptr;
     T* dvpad = x.dv_pad ? x.dv_pad + (chunk * p.H + h) * p.Dv : nullptr;
-    for (index_t j = 0; j < kn; ++j) {
-      const T* dk = s.dKg.data() + j * p.Dp;
-      const T* dv = s.dVg.data() + j * p.Dvp;
-      if (ktok[j] >= 0) {
-        T* dKo = p.dk + ((kbeg + ktok[j]) * p.H + h) * p.D;
-        T* dVo = p.dv + ((kbeg + ktok[j]) * p.H + h) * p.Dv;
-        for (index_t c = 0; c < p.D; ++c) dKo[c] = dk[c] * p.scale;
-        copy_short(dVo, dv, p.Dv);
-      } else {
-        if (dkpad)
-          for (index_t c = 0; c < p.D; ++c) dkpad[c] += dk[c] * p.scale;
-        if (dvpad)
-          for (index_t c = 0; c < p.Dv; ++c) dvpad[c] += dv[c];
+    row_blocks(kn, [&](index_t j0, auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      T *dv[MR], *dk[MR];
+      for (int i = 0; i < MR; ++i) {
+        const index_t t = ktok[j0 + i];
+        dv[i] = t >= 0 ? p.dv + ((kbeg + t) * p.H + h) * p.Dv : dvpad;
+        dk[i] = t >= 0 ? p.dk + ((kbeg + t) * p.H + h) * p.D : dkpad;
       }
-    }
+      col_blocks<T>(p.Dvp, [&](index_t c, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        ukernel<MR, NV>(qm, S + j0, 1, ld, s.dOg.data() + c, p.Dvp,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v) {
+                              if (ktok[j0 + i] >= 0)
+                                store_cols(dv[i], c + v * W, p.Dv, acc[i][v]);
+                              else if (dv[i])
+                                add_cols(dv[i], c + v * W, p.Dv, acc[i][v]);
+                            }
+                        });
+      });
+      col_blocks<T>(p.Dp, [&](index_t c, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        ukernel<MR, NV>(qm, dP + j0, 1, ld, s.Qg.data() + c, p.Dp,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v) {
+                              if (ktok[j0 + i] >= 0)
+                                store_cols(dk[i], c + v * W, p.D, acc[i][v] * p.scale);
+                              else if (dk[i])
+                                add_cols(dk[i], c + v * W, p.D, acc[i][v] * p.scale);
+                            }
+                        });
+      });
+    });
   }
 }
 
