@@ -7,6 +7,7 @@
 // through the same tile step as the 1-D policies (fwd_step / bwd_step in attention_loop.h).
 // Included by the ISA-tier kernel files only.
 #pragma once
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #if defined(__AVX2__)
@@ -584,11 +585,44 @@ inline void add_cols(T* row, index_t c, index_t n, vec_t<T> y) {
   for (index_t u = 0; u < VecTraits<T>::W && c + u < n; ++u) row[c + u] += y[u];
 }
 
+/// Software prefetches of the next window's rows, issued a few at a time between micro-kernel
+/// calls so that they overlap the arithmetic (a burst of them fills the miss buffers and
+/// stalls about as long as the misses it saves).
+struct Prefetcher {
+  std::vector<uintptr_t> lines;  // line addresses, bit 0 set: prefetch for writing
+  size_t pos = 0;
+  void clear() {
+    lines.clear();
+    pos = 0;
+  }
+  template <class T>
+  void add(const T* row, index_t n, bool write = false) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(row) & ~uintptr_t(63);
+    const uintptr_t e = reinterpret_cast<uintptr_t>(row + n);
+    for (uintptr_t l = a; l < e; l += 64) lines.push_back(l | uintptr_t(write));
+  }
+  /// Issues the next n prefetches.
+  void issue(size_t n) {
+    const size_t end = std::min(lines.size(), pos + n);
+    for (; pos < end; ++pos) {
+      const char* l = reinterpret_cast<const char*>(lines[pos] & ~uintptr_t(1));
+      if (lines[pos] & 1)
+        __builtin_prefetch(l, 1, 2);
+      else
+        __builtin_prefetch(l, 0, 2);
+    }
+  }
+  /// Per-call share when the queue is spread over `calls` issue points.
+  size_t share(index_t calls) const { return (lines.size() + calls - 1) / imax(1, calls); }
+};
+
 template <class T>
 struct SingleFwdScratch {
   std::vector<T> S, O, Qg, KT, Vg, l, mx, zeros;
   std::vector<index_t> qtok, ktok;
   std::vector<const T*> rows;
+  std::vector<index_t> ntok, nktok;  // tokens of the next window (prefetch)
+  Prefetcher pf;
   MaskCache<T> cache;
 };
 
@@ -606,7 +640,19 @@ SingleFwdScratch<T> single_fwd_scratch(const AttentionParams<T>& p) {
   s.qtok.resize(BQ);
   s.ktok.resize(BK);
   s.rows.resize(BK);
+  s.ntok.resize(BQ);
+  s.nktok.resize(BK);
   return s;
+}
+
+/// Tokens of window nq of sequence nb (queries, and keys with -1 for padding): what the
+/// single-block kernels prefetch for the next window.
+inline void window_tokens(const WindowMask::Args& args, index_t nb, index_t nq, index_t* ntok,
+                          index_t* nktok, index_t& qm, index_t& kn) {
+  const WindowMask m = WindowMask::make(args, nb);
+  const Box qb = m.query_tile(nq);
+  qm = box_tokens(m, qb, ntok);
+  kn = box_tokens(m, m.key_union(qb), nktok);
 }
 
 /// Points rows[j] at the K (or V) row of key token ktok[j] of kv head hk, at `pad` for padding
@@ -670,8 +716,26 @@ void single_softmax(T* S, const T* tile, index_t qm, index_t ld, T* l, T* mx) {
 /// One window (query tile qt of sequence b), every head.
 template <class T>
 void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
-                     const WindowExtras<T>& x, index_t b, index_t qt, SingleFwdScratch<T>& s) {
+                     const WindowExtras<T>& x, index_t b, index_t qt, index_t nb, index_t nq,
+                     SingleFwdScratch<T>& s) {
   constexpr int W = VecTraits<T>::W;
+  s.pf.clear();
+  if (nb >= 0) {  // the next window's output rows (written) and q / k / v rows (all heads)
+    index_t nqm, nkn;
+    const index_t *nt = s.ntok.data(), *nk = s.nktok.data();
+    window_tokens(args, nb, nq, s.ntok.data(), s.nktok.data(), nqm, nkn);
+    const index_t q0 = p.cu_q[nb], k0 = p.cu_k[nb];
+    for (index_t i = 0; i < nqm; ++i) s.pf.add(p.o + (q0 + nt[i]) * p.H * p.Dv, p.H * p.Dv, true);
+    for (index_t h = 0; h < p.H; ++h) {  // in the order the next window reads them
+      for (index_t i = 0; i < nqm; ++i) s.pf.add(p.q.at(h, q0 + nt[i]), p.D);
+      if (h % (p.H / p.Hkv) != 0) continue;
+      const index_t hk = h / (p.H / p.Hkv);
+      for (index_t j = 0; j < nkn; ++j)
+        if (nk[j] >= 0) s.pf.add(p.k.at(hk, k0 + nk[j]), p.D);
+      for (index_t j = 0; j < nkn; ++j)
+        if (nk[j] >= 0) s.pf.add(p.v.at(hk, k0 + nk[j]), p.Dv);
+    }
+  }
   const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
   const WindowMask m = WindowMask::make(args, b);
   const Box qb = m.query_tile(qt), kb = m.key_union(qb);
@@ -681,6 +745,7 @@ void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
   const index_t ld = e.ld;
   const T c2 = p.scale * T(kLog2ed);
   const index_t Rn = x.R[0] * x.R[1] * x.R[2];
+  const size_t kPrefetchPerCall = s.pf.share(48 * p.H);  // ~6 micro-kernel calls per row block
   for (index_t h = 0; h < p.H; ++h) {
     const index_t hk = h / (p.H / p.Hkv);
     for (index_t i = 0; i < qm; ++i) copy_short(s.Qg.data() + i * p.Dp, p.q.at(h, qbeg + qtok[i]), p.D);
@@ -700,6 +765,7 @@ void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
       for (int i = 0; i < MR; ++i) mxv[i] = splatv(kNegInf<T>);
       col_blocks<T>(ld, [&](index_t j, auto nv) {
         constexpr int NV = decltype(nv)::value;
+        s.pf.issue(kPrefetchPerCall);
         ukernel<MR, NV>(p.D, s.Qg.data() + i0 * p.Dp, p.Dp, 1, s.KT.data() + j, ld,
                         [&](vec_t<T>(&acc)[MR][NV]) {
 #pragma GCC unroll 8
@@ -737,6 +803,7 @@ void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
       }
       col_blocks<T>(p.Dvp, [&](index_t j, auto nv) {
         constexpr int NV = decltype(nv)::value;
+        s.pf.issue(kPrefetchPerCall);
         ukernel<MR, NV>(kn, S + i0 * ld, ld, 1, s.Vg.data() + j, p.Dvp,
                         [&](vec_t<T>(&acc)[MR][NV]) {
 #pragma GCC unroll 8
@@ -757,6 +824,25 @@ void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
   }
 }
 
+/// Like for_each_item, but each worker claims its next item before running the current one:
+/// work(it, next, s) with next = -1 past the end, so that an item can prefetch what the next
+/// one reads.
+template <class Scratch, class Work>
+void for_each_item_ahead(const ParallelRunner& r, index_t n, const Scratch& proto,
+                         const Work& work) {
+  std::atomic<index_t> next{0};
+  const index_t workers = imax(1, imin(r.num_threads, n));
+  r.run(workers, [&](index_t) {
+    Scratch s = proto;
+    index_t it = next.fetch_add(1);
+    while (it < n) {
+      const index_t nx = next.fetch_add(1);
+      work(it, nx < n ? nx : -1, s);
+      it = nx;
+    }
+  });
+}
+
 template <class T>
 void window_fwd(const AttentionParams<T>& p, const WindowMask::Args& args,
                 const WindowExtras<T>& x, const ParallelRunner& r) {
@@ -765,11 +851,17 @@ void window_fwd(const AttentionParams<T>& p, const WindowMask::Args& args,
     for (index_t b = 0; b < p.B; ++b)
       tile_start[b + 1] = tile_start[b] + WindowMask::make(args, b).num_query_tiles();
     const SingleFwdScratch<T> proto = single_fwd_scratch(p);
-    for_each_item(r, tile_start[p.B], proto, [&](index_t t, SingleFwdScratch<T>& s) {
+    auto seq_of = [&](index_t t) {
       index_t b = 0;
       while (tile_start[b + 1] <= t) ++b;
-      single_fwd_tile(p, args, x, b, t - tile_start[b], s);
-    });
+      return b;
+    };
+    for_each_item_ahead(r, tile_start[p.B], proto,
+                        [&](index_t t, index_t nt, SingleFwdScratch<T>& s) {
+                          const index_t b = seq_of(t), nb = nt >= 0 ? seq_of(nt) : -1;
+                          single_fwd_tile(p, args, x, b, t - tile_start[b], nb,
+                                          nt >= 0 ? nt - tile_start[nb] : -1, s);
+                        });
     return;
   }
   std::vector<index_t> tile_start(p.B + 1, 0);
@@ -962,8 +1054,9 @@ void window_bwd(const AttentionParams<T>& p, const WindowMask::Args& args,
 template <class T>
 struct SingleBwdScratch {
   std::vector<T> S, dP, Qg, dOg, Kg, KT, VT, dQg, dKg, dVg, lse2, delta, zeros;
-  std::vector<index_t> qtok, ktok;
+  std::vector<index_t> qtok, ktok, ntok, nktok;
   std::vector<const T*> rows;
+  Prefetcher pf;
   MaskCache<T> cache;
 };
 
@@ -986,6 +1079,8 @@ SingleBwdScratch<T> single_bwd_scratch(const AttentionParams<T>& p) {
   s.qtok.resize(BQ);
   s.ktok.resize(BK);
   s.rows.resize(BK);
+  s.ntok.resize(BQ);
+  s.nktok.resize(BK);
   return s;
 }
 
@@ -1015,9 +1110,36 @@ void flush_dsum(const WindowMask::Args& args, typename MaskCache<T>::Entry& e, c
 
 template <class T>
 void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
-                     const WindowExtras<T>& x, index_t b, index_t qt, index_t chunk,
-                     SingleBwdScratch<T>& s) {
+                     const WindowExtras<T>& x, index_t b, index_t qt, index_t nb, index_t nq,
+                     index_t chunk, SingleBwdScratch<T>& s) {
   constexpr int W = VecTraits<T>::W;
+  s.pf.clear();
+  if (nb >= 0) {  // the next window's rows, in the order it reads and writes them
+    index_t nqm, nkn;
+    const index_t *nt = s.ntok.data(), *nk = s.nktok.data();
+    window_tokens(args, nb, nq, s.ntok.data(), s.nktok.data(), nqm, nkn);
+    const index_t q0 = p.cu_q[nb], k0 = p.cu_k[nb];
+    for (index_t i = 0; i < nqm; ++i) s.pf.add(p.o + (q0 + nt[i]) * p.H * p.Dv, p.H * p.Dv);
+    for (index_t h = 0; h < p.H; ++h) {
+      for (index_t i = 0; i < nqm; ++i) {
+        s.pf.add(p.q.at(h, q0 + nt[i]), p.D);
+        s.pf.add(p.dout.at(h, q0 + nt[i]), p.Dv);
+      }
+      if (h % (p.H / p.Hkv) != 0) continue;
+      const index_t hk = h / (p.H / p.Hkv);
+      for (index_t j = 0; j < nkn; ++j)
+        if (nk[j] >= 0) s.pf.add(p.k.at(hk, k0 + nk[j]), p.D);
+      for (index_t j = 0; j < nkn; ++j)
+        if (nk[j] >= 0) s.pf.add(p.v.at(hk, k0 + nk[j]), p.Dv);
+    }
+    for (index_t i = 0; i < nqm; ++i) s.pf.add(p.dq + (q0 + nt[i]) * p.H * p.D, p.H * p.D, true);
+    for (index_t j = 0; j < nkn; ++j)
+      if (nk[j] >= 0) {
+        s.pf.add(p.dk + (k0 + nk[j]) * p.H * p.D, p.H * p.D, true);
+        s.pf.add(p.dv + (k0 + nk[j]) * p.H * p.Dv, p.H * p.Dv, true);
+      }
+  }
+  const size_t per_call = s.pf.share(120 * p.H);  // ~13 micro-kernel calls per row block
   const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
   const WindowMask m = WindowMask::make(args, b);
   const Box qb = m.query_tile(qt), kb = m.key_union(qb);
@@ -1069,6 +1191,7 @@ void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
       constexpr int MR = decltype(mr)::value;
       col_blocks<T>(ld, [&](index_t j, auto nv) {
         constexpr int NV = decltype(nv)::value;
+        s.pf.issue(per_call);
         ukernel<MR, NV>(p.D, s.Qg.data() + i0 * p.Dp, p.Dp, 1, s.KT.data() + j, ld,
                         [&](vec_t<T>(&acc)[MR][NV]) {
 #pragma GCC unroll 8
@@ -1083,6 +1206,7 @@ void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
       });
       col_blocks<T>(ld, [&](index_t j, auto nv) {
         constexpr int NV = decltype(nv)::value;
+        s.pf.issue(per_call);
         ukernel<MR, NV>(p.Dv, s.dOg.data() + i0 * p.Dvp, p.Dvp, 1, s.VT.data() + j, ld,
                         [&](vec_t<T>(&acc)[MR][NV]) {
 #pragma GCC unroll 8
@@ -1100,6 +1224,7 @@ void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
       for (int i = 0; i < MR; ++i) dq[i] = p.dq + ((qbeg + qtok[i0 + i]) * p.H + h) * p.D;
       col_blocks<T>(p.Dp, [&](index_t j, auto nv) {
         constexpr int NV = decltype(nv)::value;
+        s.pf.issue(per_call);
         ukernel<MR, NV>(kn, dP + i0 * ld, ld, 1, s.Kg.data() + j, p.Dp,
                         [&](vec_t<T>(&acc)[MR][NV]) {
 #pragma GCC unroll 8
@@ -1124,6 +1249,7 @@ void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
       }
       col_blocks<T>(p.Dvp, [&](index_t c, auto nv) {
         constexpr int NV = decltype(nv)::value;
+        s.pf.issue(per_call);
         ukernel<MR, NV>(qm, S + j0, 1, ld, s.dOg.data() + c, p.Dvp,
                         [&](vec_t<T>(&acc)[MR][NV]) {
 #pragma GCC unroll 8
@@ -1139,6 +1265,7 @@ void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
       });
       col_blocks<T>(p.Dp, [&](index_t c, auto nv) {
         constexpr int NV = decltype(nv)::value;
+        s.pf.issue(per_call);
         ukernel<MR, NV>(qm, dP + j0, 1, ld, s.Qg.data() + c, p.Dp,
                         [&](vec_t<T>(&acc)[MR][NV]) {
 #pragma GCC unroll 8
@@ -1166,10 +1293,15 @@ void window_bwd_direct(const AttentionParams<T>& p, const WindowMask::Args& args
   const SingleBwdScratch<T> proto = single_bwd_scratch(p);
   for_each_item(r, n_chunks, proto, [&](index_t c, SingleBwdScratch<T>& s) {
     const index_t t0 = c * tiles / n_chunks, t1 = (c + 1) * tiles / n_chunks;
-    for (index_t t = t0; t < t1; ++t) {
+    auto seq_of = [&](index_t t) {
       index_t b = 0;
       while (tile_start[b + 1] <= t) ++b;
-      single_bwd_tile(p, args, x, b, t - tile_start[b], c, s);
+      return b;
+    };
+    for (index_t t = t0; t < t1; ++t) {
+      const index_t b = seq_of(t), nb = t + 1 < t1 ? seq_of(t + 1) : -1;
+      single_bwd_tile(p, args, x, b, t - tile_start[b], nb, nb >= 0 ? t + 1 - tile_start[nb] : -1,
+                      c, s);
     }
     if (x.dbias) {
       T* dbias = x.dbias + c * p.H * x.R[0] * x.R[1] * x.R[2];
