@@ -659,12 +659,12 @@ struct Prefetcher {
         if (q.tok[i] < 0) continue;
         const uintptr_t a = reinterpret_cast<uintptr_t>(q.base + (q.off + q.tok[i]) * q.stride);
         const uintptr_t e = a + uintptr_t(q.bytes);
-        for (uintptr_t l = a & ~uintptr_t(63); l < e; l += 64) {
-          if (q.write)
+        if (q.write)
+          for (uintptr_t l = a & ~uintptr_t(63); l < e; l += 64)
             __builtin_prefetch(reinterpret_cast<const char*>(l), 1, 3);
-          else
+        else
+          for (uintptr_t l = a & ~uintptr_t(63); l < e; l += 64)
             __builtin_prefetch(reinterpret_cast<const char*>(l), 0, 3);
-        }
       }
       if (i == q.n) {
         ++r;
@@ -1218,8 +1218,11 @@ void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
       copy_short(qd, p.q.at(h, t), p.D);
       copy_short(od, p.dout.at(h, t), p.Dv);
       const T* orow = p.o + (t * p.H + h) * p.Dv;
-      T dlt = 0;
-      for (index_t c = 0; c < p.Dv; ++c) dlt += od[c] * orow[c];
+      vec_t<T> dv{};  // rowsum(dO * O) in vectors (a scalar float sum does not vectorise)
+      index_t c = 0;
+      for (; c + W <= p.Dv; c += W) dv += loadv(od + c) * loadv(orow + c);
+      T dlt = hsum<T>(dv);
+      for (; c < p.Dv; ++c) dlt += od[c] * orow[c];
       s.delta[i] = dlt - (p.delta ? p.delta[t * p.H + h] : T(0));
       s.lse2[i] = lse_base2(p.lse_in[t * p.H + h]);
     }
