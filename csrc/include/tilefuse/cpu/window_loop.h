@@ -517,7 +517,26 @@ inline __attribute__((always_inline)) void ukernel(index_t k, const T* a, index_
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[i][v] = vec_t<T>{};
-  for (index_t p = 0; p < k; ++p) {
+  index_t p = 0;
+  if constexpr (NV == 1) {
+    // One vector wide: MR <= 6 accumulator chains cannot hide the FMA latency; a second set
+    // for odd p doubles them.
+    vec_t<T> acc2[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) acc2[i] = vec_t<T>{};
+    for (; p + 2 <= k; p += 2) {
+      const vec_t<T> b0 = loadv(b + p * ldb), b1 = loadv(b + (p + 1) * ldb);
+      const T* ap = a + p * a_cs;
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        acc[i][0] += ap[i * a_rs] * b0;
+        acc2[i] += ap[i * a_rs + a_cs] * b1;
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) acc[i][0] += acc2[i];
+  }
+  for (; p < k; ++p) {
     vec_t<T> bv[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) bv[v] = loadv(b + p * ldb + v * W);
