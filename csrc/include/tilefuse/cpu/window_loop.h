@@ -889,7 +889,8 @@ void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
 #pragma GCC unroll 2
                             for (int v = 0; v < NV; ++v) {
                               const index_t c = j + v * W;
-                              const vec_t<T> y = acc[i][v] * inv[i];
+                              // l = 0 (no visible key): exact zeros even for inf / NaN in V
+                              const vec_t<T> y = l[i] == 0 ? vec_t<T>{} : acc[i][v] * inv[i];
                               if (c + W <= p.Dv) {
                                 storev(orow[i] + c, y);
                               } else {
