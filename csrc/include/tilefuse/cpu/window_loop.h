@@ -7,6 +7,7 @@
 // through the same tile step as the 1-D policies (fwd_step / bwd_step in attention_loop.h).
 // Included by the ISA-tier kernel files only.
 #pragma once
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #if defined(__AVX2__)
@@ -503,11 +504,204 @@ const T* mask_tile_of(typename MaskCache<T>::Entry& e, const WindowMask& m, cons
   return t;
 }
 
+/// C block [MR, NV * W] of A * B handed to epi(acc) instead of being stored: the single-block
+/// kernels fuse the softmax / gradient elementwise work into the GEMM epilogues (no extra pass
+/// over the logits tile). A is addressed as a[i * a_rs + p * a_cs], B row-major (ldb).
+template <int MR, int NV, class T, class Epi>
+inline __attribute__((always_inline)) void ukernel(index_t k, const T* a, index_t a_rs,
+                                                   index_t a_cs, const T* b, index_t ldb,
+                                                   const Epi& epi) {
+  constexpr int W = VecTraits<T>::W;
+  vec_t<T> acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = vec_t<T>{};
+  index_t p = 0;
+  if constexpr (NV == 1) {
+    // One vector wide: MR <= 6 accumulator chains cannot hide the FMA latency; a second set
+    // for odd p doubles them.
+    vec_t<T> acc2[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) acc2[i] = vec_t<T>{};
+    for (; p + 2 <= k; p += 2) {
+      const vec_t<T> b0 = loadv(b + p * ldb), b1 = loadv(b + (p + 1) * ldb);
+      const T* ap = a + p * a_cs;
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        acc[i][0] += ap[i * a_rs] * b0;
+        acc2[i] += ap[i * a_rs + a_cs] * b1;
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) acc[i][0] += acc2[i];
+  }
+  for (; p < k; ++p) {
+    vec_t<T> bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = loadv(b + p * ldb + v * W);
+    const T* ap = a + p * a_cs;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const T sc = ap[i * a_rs];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] += sc * bv[v];
+    }
+  }
+  epi(acc);
+}
+
+/// Calls f(i0, std::integral_constant<int, MR>) over row blocks covering [0, m): blocks of 6
+/// (12 accumulators + 2 B vectors + 1 broadcast), the rest as blocks of 3 to 5 rows rather
+/// than a lone row (a 1-row block is bound by the FMA latency: it costs about as much as a
+/// full one), e.g. 49 = 7 x 6 + 4 + 3.
+template <class F>
+inline __attribute__((always_inline)) void row_blocks(index_t m, const F& f) {
+  using I6 = std::integral_constant<int, 6>;
+  using I5 = std::integral_constant<int, 5>;
+  using I4 = std::integral_constant<int, 4>;
+  using I3 = std::integral_constant<int, 3>;
+  using I2 = std::integral_constant<int, 2>;
+  using I1 = std::integral_constant<int, 1>;
+  index_t full = m / 6;
+  if (m % 6 == 1 && full > 0) --full;
+  index_t i = 0;
+  for (; full > 0; --full, i += 6) f(i, I6{});
+  switch (m - i) {
+    case 7: f(i, I4{}); f(i + 4, I3{}); break;
+    case 5: f(i, I5{}); break;
+    case 4: f(i, I4{}); break;
+    case 3: f(i, I3{}); break;
+    case 2: f(i, I2{}); break;
+    case 1: f(i, I1{}); break;
+    default: break;
+  }
+}
+
+/// Column blocks of a row block: f(j, std::integral_constant<int, NV>) over [0, n), n a
+/// multiple of W: pairs of vectors, and one single vector at the end when n / W is odd.
+template <class T, class F>
+inline __attribute__((always_inline)) void col_blocks(index_t n, const F& f) {
+  constexpr int W = VecTraits<T>::W;
+  index_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) f(j, std::integral_constant<int, 2>{});
+  if (j < n) f(j, std::integral_constant<int, 1>{});
+}
+
+/// log2 of 8 positive normal floats (|error| < 1e-7 for x in [1, 2^20]; the forward's row sums
+/// lie in [1, keys]): one vector for a row block's LSEs instead of a libm call per row.
+inline vec_t<float> log2v_pos(vec_t<float> x) {
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  v8i xi;
+  std::memcpy(&xi, &x, sizeof(xi));
+  const v8i e = (xi - 0x3f3504f3) >> 23;  // exponent of x / sqrt(1/2): m in [sqrt(1/2), sqrt(2))
+  const v8i mi = xi - (e << 23);
+  vec_t<float> m;
+  std::memcpy(&m, &mi, sizeof(m));
+  const vec_t<float> t = (m - 1.f) / (m + 1.f), t2 = t * t;  // ln m = 2 atanh(t)
+  vec_t<float> q = splatv(2.f / 9.f);
+  q = q * t2 + 2.f / 7.f;
+  q = q * t2 + 2.f / 5.f;
+  q = q * t2 + 2.f / 3.f;
+  q = q * t2 + 2.f;
+  return __builtin_convertvector(e, vec_t<float>) + (q * t) * float(kLog2ed);
+}
+
+/// log2(l[i]) for i < MR (l[i] > 0; 0 where l[i] == 0).
+template <int MR, class T>
+inline void log2_rows(const T* l, T* out) {
+  static_assert(MR <= 8, "one vector");
+  if constexpr (std::is_same_v<T, float>) {
+    vec_t<float> v = splatv(1.f);
+    for (int i = 0; i < MR; ++i) v[i] = l[i] > 0 ? l[i] : 1.f;
+    v = log2v_pos(v);
+    for (int i = 0; i < MR; ++i) out[i] = v[i];
+  } else {
+    for (int i = 0; i < MR; ++i) out[i] = l[i] > 0 ? std::log2(l[i]) : T(0);
+  }
+}
+
+/// row[c, c + W) = y, clipped to the row's n columns (feature dims padded to 16 in the
+/// kernels, not in the results).
+template <class T>
+inline void store_cols(T* row, index_t c, index_t n, vec_t<T> y) {
+  if (c + VecTraits<T>::W <= n) {
+    storev(row + c, y);
+  } else {
+    for (index_t u = 0; c + u < n; ++u) row[c + u] = y[u];
+  }
+}
+/// row[c, c + W) += y, clipped to n columns.
+template <class T>
+inline void add_cols(T* row, index_t c, index_t n, vec_t<T> y) {
+  for (index_t u = 0; u < VecTraits<T>::W && c + u < n; ++u) row[c + u] += y[u];
+}
+
+/// Software prefetches of the next window's rows, issued a few at a time between micro-kernel
+/// calls so that they overlap the arithmetic (a burst of them fills the miss buffers and
+/// stalls about as long as the misses it saves). The queue is a list of row sets (rows of
+/// `bytes` at base + (off + tok[i]) * stride for the tokens tok[i] >= 0), walked by a cursor:
+/// queuing a window costs a few descriptors, not one entry per cache line.
+struct Prefetcher {
+  struct Rows {
+    const char* base;
+    index_t stride, off, bytes;
+    const index_t* tok;
+    index_t n;
+    bool write;
+  };
+  static constexpr int kMaxRows = 64;
+  Rows rows[kMaxRows];
+  int nrows = 0, r = 0;  // cursor: row set r, token i
+  index_t i = 0;
+  size_t total = 0;  // rows queued
+  void clear() {
+    nrows = r = 0;
+    i = 0;
+    total = 0;
+  }
+  template <class T>
+  void add(const T* base, index_t stride, index_t off, const index_t* tok, index_t n, index_t len,
+           bool write = false) {
+    if (nrows == kMaxRows || n <= 0 || len <= 0) return;
+    rows[nrows++] = {reinterpret_cast<const char*>(base), stride * index_t(sizeof(T)), off,
+                     len * index_t(sizeof(T)), tok, n, write};
+    total += size_t(n);
+  }
+  /// Issues the prefetches of the next n rows (every cache line of each).
+  void issue(size_t n) {
+    while (n > 0 && r < nrows) {
+      const Rows& q = rows[r];
+      const index_t end = imin(q.n, i + index_t(n));
+      n -= size_t(end - i);
+      for (; i < end; ++i) {
+        if (q.tok[i] < 0) continue;
+        const uintptr_t a = reinterpret_cast<uintptr_t>(q.base + (q.off + q.tok[i]) * q.stride);
+        const uintptr_t e = a + uintptr_t(q.bytes);
+        if (q.write)
+          for (uintptr_t l = a & ~uintptr_t(63); l < e; l += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(l), 1, 3);
+        else
+          for (uintptr_t l = a & ~uintptr_t(63); l < e; l += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(l), 0, 3);
+      }
+      if (i == q.n) {
+        ++r;
+        i = 0;
+      }
+    }
+  }
+  /// Per-call share (rows) when the queue is spread over `calls` issue points.
+  size_t share(index_t calls) const { return (total + calls - 1) / imax(1, calls); }
+};
+
 template <class T>
 struct SingleFwdScratch {
   std::vector<T> S, O, Qg, KT, Vg, l, mx, zeros;
   std::vector<index_t> qtok, ktok;
   std::vector<const T*> rows;
+  std::vector<index_t> ntok, nktok;  // tokens of the next window (prefetch)
+  Prefetcher pf;
   MaskCache<T> cache;
 };
 
@@ -525,7 +719,19 @@ SingleFwdScratch<T> single_fwd_scratch(const AttentionParams<T>& p) {
   s.qtok.resize(BQ);
   s.ktok.resize(BK);
   s.rows.resize(BK);
+  s.ntok.resize(BQ);
+  s.nktok.resize(BK);
   return s;
+}
+
+/// Tokens of window nq of sequence nb (queries, and keys with -1 for padding): what the
+/// single-block kernels prefetch for the next window.
+inline void window_tokens(const WindowMask::Args& args, index_t nb, index_t nq, index_t* ntok,
+                          index_t* nktok, index_t& qm, index_t& kn) {
+  const WindowMask m = WindowMask::make(args, nb);
+  const Box qb = m.query_tile(nq);
+  qm = box_tokens(m, qb, ntok);
+  kn = box_tokens(m, m.key_union(qb), nktok);
 }
 
 /// Points rows[j] at the K (or V) row of key token ktok[j] of kv head hk, at `pad` for padding
@@ -589,7 +795,24 @@ void single_softmax(T* S, const T* tile, index_t qm, index_t ld, T* l, T* mx) {
 /// One window (query tile qt of sequence b), every head.
 template <class T>
 void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
-                     const WindowExtras<T>& x, index_t b, index_t qt, SingleFwdScratch<T>& s) {
+                     const WindowExtras<T>& x, index_t b, index_t qt, index_t nb, index_t nq,
+                     SingleFwdScratch<T>& s) {
+  constexpr int W = VecTraits<T>::W;
+  s.pf.clear();
+  if (nb >= 0) {  // the next window's output rows (written) and q / k / v rows (all heads)
+    index_t nqm, nkn;
+    const index_t *nt = s.ntok.data(), *nk = s.nktok.data();
+    window_tokens(args, nb, nq, s.ntok.data(), s.nktok.data(), nqm, nkn);
+    const index_t q0 = p.cu_q[nb], k0 = p.cu_k[nb];
+    s.pf.add(p.o, p.H * p.Dv, q0, nt, nqm, p.H * p.Dv, true);
+    for (index_t h = 0; h < p.H; ++h) {  // in the order the next window reads them
+      s.pf.add(p.q.at(h, 0), p.q.row_stride, q0, nt, nqm, p.D);
+      if (h % (p.H / p.Hkv) != 0) continue;
+      const index_t hk = h / (p.H / p.Hkv);
+      s.pf.add(p.k.at(hk, 0), p.k.row_stride, k0, nk, nkn, p.D);
+      s.pf.add(p.v.at(hk, 0), p.v.row_stride, k0, nk, nkn, p.Dv);
+    }
+  }
   const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
   const WindowMask m = WindowMask::make(args, b);
   const Box qb = m.query_tile(qt), kb = m.key_union(qb);
@@ -599,6 +822,7 @@ void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
   const index_t ld = e.ld;
   const T c2 = p.scale * T(kLog2ed);
   const index_t Rn = x.R[0] * x.R[1] * x.R[2];
+  const size_t kPrefetchPerCall = s.pf.share(48 * p.H);  // ~6 micro-kernel calls per row block
   for (index_t h = 0; h < p.H; ++h) {
     const index_t hk = h / (p.H / p.Hkv);
     for (index_t i = 0; i < qm; ++i) copy_short(s.Qg.data() + i * p.Dp, p.q.at(h, qbeg + qtok[i]), p.D);
@@ -609,25 +833,93 @@ void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
     gather_rows<T>(ktok, kn, p.Dvp, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad, p.Dv,
                    s.Vg.data(), p.Dvp);
     T* S = s.S.data();
-    gemm_store_w<true>(qm, ld, p.D, s.Qg.data(), p.Dp, 1, s.KT.data(), ld, S, ld, c2);
     const T* tile = mask_tile_of<T>(e, m, x.bias ? x.bias + h * Rn : nullptr, x.R, h);
-    single_softmax(S, tile, qm, ld, s.l.data(), s.mx.data());
-    gemm<GemmOut::kStore>(qm, p.Dvp, kn, S, ld, 1, s.Vg.data(), p.Dvp, s.O.data(), p.Dvp);
-    for (index_t i = 0; i < qm; ++i) {
-      const index_t t = qbeg + qtok[i];
-      T* orow = p.o + (t * p.H + h) * p.Dv;
-      const T l = s.l[i];
-      if (l == 0) {  // no visible key: output 0, LSE -inf (documented)
-        std::fill(orow, orow + p.Dv, T(0));
-        p.lse[t * p.H + h] = kNegInf<T>;
-        continue;
+    // Per row block: S = c2 Q K^T + tile with the row maxima (GEMM epilogue), P = exp2(S -
+    // max) and row sums while the rows are in L1, then O = P V normalised into the output.
+    row_blocks(qm, [&](index_t i0, auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      vec_t<T> mxv[MR];
+      for (int i = 0; i < MR; ++i) mxv[i] = splatv(kNegInf<T>);
+      col_blocks<T>(ld, [&](index_t j, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        s.pf.issue(kPrefetchPerCall);
+        ukernel<MR, NV>(p.D, s.Qg.data() + i0 * p.Dp, p.Dp, 1, s.KT.data() + j, ld,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v) {
+                              const index_t o = (i0 + i) * ld + j + v * W;
+                              const vec_t<T> y = acc[i][v] * c2 + loadv(tile + o);
+                              storev(S + o, y);
+                              mxv[i] = vmax<T>(mxv[i], y);
+                            }
+                        });
+      });
+      T mx[MR], l[MR];
+      for (int i = 0; i < MR; ++i) {
+        mx[i] = hmax<T>(mxv[i]);
+        const T m0 = mx[i] == kNegInf<T> ? T(0) : mx[i];
+        T* r0 = S + (i0 + i) * ld;
+        vec_t<T> s0{};
+        for (index_t j = 0; j < ld; j += W) {
+          const vec_t<T> e0 = exp2v_nonpos(loadv(r0 + j) - m0);
+          storev(r0 + j, e0);
+          s0 += e0;
+        }
+        l[i] = hsum<T>(s0);
+        // A row without a visible key is all -inf: exp2 gives exact zeros (P = 0, l = 0).
       }
-      const T inv = T(1) / l;
-      const T* O = s.O.data() + i * p.Dvp;
-      for (index_t c = 0; c < p.Dv; ++c) orow[c] = O[c] * inv;
-      p.lse[t * p.H + h] = (s.mx[i] + std::log2(l)) * T(kLn2d);
-    }
+      T inv[MR], lg[MR];
+      T* orow[MR];
+      log2_rows<MR>(l, lg);
+      for (int i = 0; i < MR; ++i) {
+        const index_t t = qbeg + qtok[i0 + i];
+        orow[i] = p.o + (t * p.H + h) * p.Dv;
+        inv[i] = l[i] == 0 ? T(0) : T(1) / l[i];  // no visible key: output 0, LSE -inf
+        p.lse[t * p.H + h] = l[i] == 0 ? kNegInf<T> : (mx[i] + lg[i]) * T(kLn2d);
+      }
+      col_blocks<T>(p.Dvp, [&](index_t j, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        s.pf.issue(kPrefetchPerCall);
+        ukernel<MR, NV>(kn, S + i0 * ld, ld, 1, s.Vg.data() + j, p.Dvp,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v) {
+                              const index_t c = j + v * W;
+                              // l = 0 (no visible key): exact zeros even for inf / NaN in V
+                              const vec_t<T> y = l[i] == 0 ? vec_t<T>{} : acc[i][v] * inv[i];
+                              if (c + W <= p.Dv) {
+                                storev(orow[i] + c, y);
+                              } else {
+                                for (index_t u = 0; c + u < p.Dv; ++u) orow[i][c + u] = y[u];
+                              }
+                            }
+                        });
+      });
+    });
   }
+}
+
+/// Like for_each_item, but each worker claims its next item before running the current one:
+/// work(it, next, s) with next = -1 past the end, so that an item can prefetch what the next
+/// one reads.
+template <class Scratch, class Work>
+void for_each_item_ahead(const ParallelRunner& r, index_t n, const Scratch& proto,
+                         const Work& work) {
+  std::atomic<index_t> next{0};
+  const index_t workers = imax(1, imin(r.num_threads, n));
+  r.run(workers, [&](index_t) {
+    Scratch s = proto;
+    index_t it = next.fetch_add(1);
+    while (it < n) {
+      const index_t nx = next.fetch_add(1);
+      work(it, nx < n ? nx : -1, s);
+      it = nx;
+    }
+  });
 }
 
 template <class T>
@@ -638,11 +930,17 @@ void window_fwd(const AttentionParams<T>& p, const WindowMask::Args& args,
     for (index_t b = 0; b < p.B; ++b)
       tile_start[b + 1] = tile_start[b] + WindowMask::make(args, b).num_query_tiles();
     const SingleFwdScratch<T> proto = single_fwd_scratch(p);
-    for_each_item(r, tile_start[p.B], proto, [&](index_t t, SingleFwdScratch<T>& s) {
+    auto seq_of = [&](index_t t) {
       index_t b = 0;
       while (tile_start[b + 1] <= t) ++b;
-      single_fwd_tile(p, args, x, b, t - tile_start[b], s);
-    });
+      return b;
+    };
+    for_each_item_ahead(r, tile_start[p.B], proto,
+                        [&](index_t t, index_t nt, SingleFwdScratch<T>& s) {
+                          const index_t b = seq_of(t), nb = nt >= 0 ? seq_of(nt) : -1;
+                          single_fwd_tile(p, args, x, b, t - tile_start[b], nb,
+                                          nt >= 0 ? nt - tile_start[nb] : -1, s);
+                        });
     return;
   }
   std::vector<index_t> tile_start(p.B + 1, 0);
@@ -835,8 +1133,9 @@ void window_bwd(const AttentionParams<T>& p, const WindowMask::Args& args,
 template <class T>
 struct SingleBwdScratch {
   std::vector<T> S, dP, Qg, dOg, Kg, KT, VT, dQg, dKg, dVg, lse2, delta, zeros;
-  std::vector<index_t> qtok, ktok;
+  std::vector<index_t> qtok, ktok, ntok, nktok;
   std::vector<const T*> rows;
+  Prefetcher pf;
   MaskCache<T> cache;
 };
 
@@ -859,6 +1158,8 @@ SingleBwdScratch<T> single_bwd_scratch(const AttentionParams<T>& p) {
   s.qtok.resize(BQ);
   s.ktok.resize(BK);
   s.rows.resize(BK);
+  s.ntok.resize(BQ);
+  s.nktok.resize(BK);
   return s;
 }
 
@@ -888,9 +1189,29 @@ void flush_dsum(const WindowMask::Args& args, typename MaskCache<T>::Entry& e, c
 
 template <class T>
 void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
-                     const WindowExtras<T>& x, index_t b, index_t qt, index_t chunk,
-                     SingleBwdScratch<T>& s) {
+                     const WindowExtras<T>& x, index_t b, index_t qt, index_t nb, index_t nq,
+                     index_t chunk, SingleBwdScratch<T>& s) {
   constexpr int W = VecTraits<T>::W;
+  s.pf.clear();
+  if (nb >= 0) {  // the next window's rows, in the order it reads and writes them
+    index_t nqm, nkn;
+    const index_t *nt = s.ntok.data(), *nk = s.nktok.data();
+    window_tokens(args, nb, nq, s.ntok.data(), s.nktok.data(), nqm, nkn);
+    const index_t q0 = p.cu_q[nb], k0 = p.cu_k[nb];
+    s.pf.add(p.o, p.H * p.Dv, q0, nt, nqm, p.H * p.Dv);
+    for (index_t h = 0; h < p.H; ++h) {
+      s.pf.add(p.q.at(h, 0), p.q.row_stride, q0, nt, nqm, p.D);
+      s.pf.add(p.dout.at(h, 0), p.dout.row_stride, q0, nt, nqm, p.Dv);
+      if (h % (p.H / p.Hkv) != 0) continue;
+      const index_t hk = h / (p.H / p.Hkv);
+      s.pf.add(p.k.at(hk, 0), p.k.row_stride, k0, nk, nkn, p.D);
+      s.pf.add(p.v.at(hk, 0), p.v.row_stride, k0, nk, nkn, p.Dv);
+    }
+    s.pf.add(p.dq, p.H * p.D, q0, nt, nqm, p.H * p.D, true);
+    s.pf.add(p.dk, p.H * p.D, k0, nk, nkn, p.H * p.D, true);
+    s.pf.add(p.dv, p.H * p.Dv, k0, nk, nkn, p.H * p.Dv, true);
+  }
+  const size_t per_call = s.pf.share(120 * p.H);  // ~13 micro-kernel calls per row block
   const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
   const WindowMask m = WindowMask::make(args, b);
   const Box qb = m.query_tile(qt), kb = m.key_union(qb);
@@ -917,8 +1238,11 @@ void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
       copy_short(qd, p.q.at(h, t), p.D);
       copy_short(od, p.dout.at(h, t), p.Dv);
       const T* orow = p.o + (t * p.H + h) * p.Dv;
-      T dlt = 0;
-      for (index_t c = 0; c < p.Dv; ++c) dlt += od[c] * orow[c];
+      vec_t<T> dv{};  // rowsum(dO * O) in vectors (a scalar float sum does not vectorise)
+      index_t c = 0;
+      for (; c + W <= p.Dv; c += W) dv += loadv(od + c) * loadv(orow + c);
+      T dlt = hsum<T>(dv);
+      for (; c < p.Dv; ++c) dlt += od[c] * orow[c];
       s.delta[i] = dlt - (p.delta ? p.delta[t * p.H + h] : T(0));
       s.lse2[i] = lse_base2(p.lse_in[t * p.H + h]);
     }
@@ -933,52 +1257,104 @@ void single_bwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
     key_row_ptrs(p.v, hk, kbeg, ktok, kn, ld, vpad, s.zeros.data(), s.rows.data());
     transpose_ptrs(s.rows.data(), ld, p.Dv, s.VT.data(), ld);
 
-    gemm_store_w<true>(qm, ld, p.D, s.Qg.data(), p.Dp, 1, s.KT.data(), ld, S, ld, c2);
     const T* tile = mask_tile_of<T>(e, m, x.bias ? x.bias + h * Rn : nullptr, x.R, h);
-    for (index_t i = 0; i < qm; ++i) {  // P = exp2(s + mask/bias - lse2)
-      T* row = S + i * ld;
-      const T* tr = tile + i * ld;
-      const T l2 = s.lse2[i];
-      for (index_t j = 0; j < ld; j += W)
-        storev(row + j, exp2v_nonpos(loadv(row + j) + loadv(tr + j) - l2));
-    }
-    gemm<GemmOut::kStore>(kn, p.Dvp, qm, S, 1, ld, s.dOg.data(), p.Dvp, s.dVg.data(), p.Dvp);
-    gemm_store_w<false>(qm, ld, p.Dv, s.dOg.data(), p.Dvp, 1, s.VT.data(), ld, dP, ld, T(1));
-    for (index_t i = 0; i < qm; ++i) {  // dS = P (dP - Delta)
-      T* ds = dP + i * ld;
-      const T* pr = S + i * ld;
-      const T dl = s.delta[i];
-      for (index_t j = 0; j < ld; j += W) storev(ds + j, loadv(pr + j) * (loadv(ds + j) - dl));
-    }
-    if (dbias) {
-      T* acc = e.dsum.data() + h * qm * ld;
-      for (index_t j = 0; j < qm * ld; j += W) storev(acc + j, loadv(acc + j) + loadv(dP + j));
-      e.dsum_used[h] = 1;
-    }
-    gemm<GemmOut::kStore>(kn, p.Dp, qm, dP, 1, ld, s.Qg.data(), p.Dp, s.dKg.data(), p.Dp);
-    gemm<GemmOut::kStore>(qm, p.Dp, kn, dP, ld, 1, s.Kg.data(), p.Dp, s.dQg.data(), p.Dp);
-    for (index_t i = 0; i < qm; ++i) {
-      T* dst = p.dq + ((qbeg + qtok[i]) * p.H + h) * p.D;
-      const T* src = s.dQg.data() + i * p.Dp;
-      for (index_t c = 0; c < p.D; ++c) dst[c] = src[c] * p.scale;
-    }
+    T* dsum = dbias ? e.dsum.data() + h * qm * ld : nullptr;
+    if (dbias) e.dsum_used[h] = 1;
+    // Per row block, in GEMM epilogues: P = exp2(c2 Q K^T + tile - lse2), dS = P (dO V^T -
+    // Delta) (summed into the bias gradient), dQ = scale dS K written to the result rows.
+    row_blocks(qm, [&](index_t i0, auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      col_blocks<T>(ld, [&](index_t j, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        s.pf.issue(per_call);
+        ukernel<MR, NV>(p.D, s.Qg.data() + i0 * p.Dp, p.Dp, 1, s.KT.data() + j, ld,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v) {
+                              const index_t o = (i0 + i) * ld + j + v * W;
+                              storev(S + o, exp2v_nonpos(acc[i][v] * c2 + loadv(tile + o) -
+                                                         s.lse2[i0 + i]));
+                            }
+                        });
+      });
+      col_blocks<T>(ld, [&](index_t j, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        s.pf.issue(per_call);
+        ukernel<MR, NV>(p.Dv, s.dOg.data() + i0 * p.Dvp, p.Dvp, 1, s.VT.data() + j, ld,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v) {
+                              const index_t o = (i0 + i) * ld + j + v * W;
+                              const vec_t<T> ds = loadv(S + o) * (acc[i][v] - s.delta[i0 + i]);
+                              storev(dP + o, ds);
+                              if (dsum) storev(dsum + o, loadv(dsum + o) + ds);
+                            }
+                        });
+      });
+      T* dq[MR];
+      for (int i = 0; i < MR; ++i) dq[i] = p.dq + ((qbeg + qtok[i0 + i]) * p.H + h) * p.D;
+      col_blocks<T>(p.Dp, [&](index_t j, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        s.pf.issue(per_call);
+        ukernel<MR, NV>(kn, dP + i0 * ld, ld, 1, s.Kg.data() + j, p.Dp,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v)
+                              store_cols(dq[i], j + v * W, p.D, acc[i][v] * p.scale);
+                        });
+      });
+    });
+    // dV = P^T dO and dK = scale dS^T Q per key row block, written to the result rows
+    // (padding keys: summed into the pad gradients).
     T* dkpad = x.dk_pad ? x.dk_pad + (chunk * p.H + h) * p.D : nullptr;
     T* dvpad = x.dv_pad ? x.dv_pad + (chunk * p.H + h) * p.Dv : nullptr;
-    for (index_t j = 0; j < kn; ++j) {
-      const T* dk = s.dKg.data() + j * p.Dp;
-      const T* dv = s.dVg.data() + j * p.Dvp;
-      if (ktok[j] >= 0) {
-        T* dKo = p.dk + ((kbeg + ktok[j]) * p.H + h) * p.D;
-        T* dVo = p.dv + ((kbeg + ktok[j]) * p.H + h) * p.Dv;
-        for (index_t c = 0; c < p.D; ++c) dKo[c] = dk[c] * p.scale;
-        copy_short(dVo, dv, p.Dv);
-      } else {
-        if (dkpad)
-          for (index_t c = 0; c < p.D; ++c) dkpad[c] += dk[c] * p.scale;
-        if (dvpad)
-          for (index_t c = 0; c < p.Dv; ++c) dvpad[c] += dv[c];
+    row_blocks(kn, [&](index_t j0, auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      T *dv[MR], *dk[MR];
+      for (int i = 0; i < MR; ++i) {
+        const index_t t = ktok[j0 + i];
+        dv[i] = t >= 0 ? p.dv + ((kbeg + t) * p.H + h) * p.Dv : dvpad;
+        dk[i] = t >= 0 ? p.dk + ((kbeg + t) * p.H + h) * p.D : dkpad;
       }
-    }
+      col_blocks<T>(p.Dvp, [&](index_t c, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        s.pf.issue(per_call);
+        ukernel<MR, NV>(qm, S + j0, 1, ld, s.dOg.data() + c, p.Dvp,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v) {
+                              if (ktok[j0 + i] >= 0)
+                                store_cols(dv[i], c + v * W, p.Dv, acc[i][v]);
+                              else if (dv[i])
+                                add_cols(dv[i], c + v * W, p.Dv, acc[i][v]);
+                            }
+                        });
+      });
+      col_blocks<T>(p.Dp, [&](index_t c, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        s.pf.issue(per_call);
+        ukernel<MR, NV>(qm, dP + j0, 1, ld, s.Qg.data() + c, p.Dp,
+                        [&](vec_t<T>(&acc)[MR][NV]) {
+#pragma GCC unroll 8
+                          for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+                            for (int v = 0; v < NV; ++v) {
+                              if (ktok[j0 + i] >= 0)
+                                store_cols(dk[i], c + v * W, p.D, acc[i][v] * p.scale);
+                              else if (dk[i])
+                                add_cols(dk[i], c + v * W, p.D, acc[i][v] * p.scale);
+                            }
+                        });
+      });
+    });
   }
 }
 
@@ -992,10 +1368,15 @@ void window_bwd_direct(const AttentionParams<T>& p, const WindowMask::Args& args
   const SingleBwdScratch<T> proto = single_bwd_scratch(p);
   for_each_item(r, n_chunks, proto, [&](index_t c, SingleBwdScratch<T>& s) {
     const index_t t0 = c * tiles / n_chunks, t1 = (c + 1) * tiles / n_chunks;
-    for (index_t t = t0; t < t1; ++t) {
+    auto seq_of = [&](index_t t) {
       index_t b = 0;
       while (tile_start[b + 1] <= t) ++b;
-      single_bwd_tile(p, args, x, b, t - tile_start[b], c, s);
+      return b;
+    };
+    for (index_t t = t0; t < t1; ++t) {
+      const index_t b = seq_of(t), nb = t + 1 < t1 ? seq_of(t + 1) : -1;
+      single_bwd_tile(p, args, x, b, t - tile_start[b], nb, nb >= 0 ? t + 1 - tile_start[nb] : -1,
+                      c, s);
     }
     if (x.dbias) {
       T* dbias = x.dbias + c * p.H * x.R[0] * x.R[1] * x.R[2];
