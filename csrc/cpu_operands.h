@@ -181,8 +181,9 @@ std::array<at::Tensor, 3> grads_to_tokens(const GradBuffers& g, const AttentionP
                                           double scale) {
   const int64_t G = p.H / p.Hkv;
   at::Tensor dq = (p.n_kv_chunks == 1 ? g.dq[0] : g.dq.sum(0)).narrow(2, 0, p.D);
-  at::Tensor dk = g.dk.view({p.Hkv, G, p.Tk, p.Dp}).sum(1).narrow(2, 0, p.D);
-  at::Tensor dv = g.dv.view({p.Hkv, G, p.Tk, p.Dvp}).sum(1).narrow(2, 0, p.Dv);
+  // Without GQA the per-query-head buffers are the result (a sum over one head would copy).
+  at::Tensor dk = (G == 1 ? g.dk : g.dk.view({p.Hkv, G, p.Tk, p.Dp}).sum(1)).narrow(2, 0, p.D);
+  at::Tensor dv = (G == 1 ? g.dv : g.dv.view({p.Hkv, G, p.Tk, p.Dvp}).sum(1)).narrow(2, 0, p.Dv);
   return {dq.permute({1, 0, 2}).mul(scale), dk.permute({1, 0, 2}), dv.permute({1, 0, 2})};
 }
 

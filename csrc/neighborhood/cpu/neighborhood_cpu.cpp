@@ -225,8 +225,7 @@ void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at
   // Dilation groups are separate sequences: B * G of them, sharing the boundaries s.cu.
   AttentionParams<T> p =
       sequence_params<T>(s.cu, s.cu, s.H, s.Hkv, s.B * s.N, s.B * s.N, s.D, s.Dv, scale);
-  at::Tensor delta = (dout.to(ct) * out.to(ct)).sum(-1);
-  if (dlse.has_value()) delta = delta - dlse->to(ct);
+  at::Tensor delta = softmax_delta(dout, out, dlse, ct);
   delta = to_tokens(s, delta.unsqueeze(-1)).squeeze(-1).contiguous();
   at::Tensor lse_c = to_tokens(s, lse.unsqueeze(-1)).squeeze(-1).contiguous();
   std::vector<at::Tensor> keep;
