@@ -87,6 +87,21 @@ def test_int8_product_exact_on_worst_case(sign, cpu_isa):
     assert torch.equal(out_small.long(), a[:, :1024].long() @ w[:, :1024].long().t())
 
 
+@pytest.mark.parametrize("M,N,K", [(4, 33, 516), (67, 97, 1030), (130, 64, 3), (133, 45, 2085)])
+def test_int8_product_exact_packed_panels(M, N, K, cpu_isa):
+    """The packed-panel kernel (M >= 4) on extreme values, including weight entries of -128 that
+    a user-made qweight may hold: several K slices, panel and row tails, exact int32 products."""
+    g = torch.Generator().manual_seed(M * N + K)
+    a = torch.where(torch.rand(M, K, generator=g) < 0.5, -127.0, 127.0)
+    a[torch.rand(M, K, generator=g) < 0.1] = 0.0
+    a[:, 0] = 127.0  # every row keeps scale 1
+    w = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    w[torch.rand(N, K, generator=g) < 0.3] = -128
+    w[torch.rand(N, K, generator=g) < 0.3] = 127
+    out = tilefuse.int8_linear(a, w, torch.ones(N))
+    assert torch.equal(out.double(), (a.long() @ w.long().t()).double().float().double())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int8_linear_half_dtypes(dtype, cpu_isa):
     x = torch.randn(4, 3, 160).to(dtype)

@@ -89,6 +89,19 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
   qp.col_mask = mask.defined() ? mask.const_data_ptr<uint8_t>() : nullptr;
   qp.q = aq.mutable_data_ptr<int8_t>();
   qp.scale = ascale.mutable_data_ptr<float>();
+  const bool avx2 = cpu::current_isa() == Isa::kAvx2;
+  // The packed-panel GEMM broadcasts |q| and the sign masks of q (see int8_kernel.cpp).
+  at::Tensor a_abs, a_neg, neg_sum;
+  if (avx2) {
+    neg_sum = at::empty({M}, x2.options().dtype(at::kInt));
+    qp.neg_sum = neg_sum.mutable_data_ptr<int32_t>();
+  }
+  if (avx2 && M >= cpu::kInt8PanelMinM) {
+    a_abs = at::empty({M, lda}, x2.options().dtype(at::kByte));
+    a_neg = at::empty({M, lda}, x2.options().dtype(at::kByte));
+    qp.a_abs = a_abs.mutable_data_ptr<uint8_t>();
+    qp.a_neg = a_neg.mutable_data_ptr<uint8_t>();
+  }
   quantize_rows(qp, M);
 
   at::Tensor out = at::empty({M, N}, x2.options());
@@ -109,8 +122,12 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
   p.N = N;
   p.K = K;
   p.lda = lda;
-  constexpr int64_t kTask = 48;  // output columns per task, a multiple of the tile widths
-  const bool avx2 = cpu::current_isa() == Isa::kAvx2;
+  if (neg_sum.defined()) p.neg_sum = neg_sum.const_data_ptr<int32_t>();
+  if (a_abs.defined()) {
+    p.a_abs = a_abs.const_data_ptr<uint8_t>();
+    p.a_neg = a_neg.const_data_ptr<uint8_t>();
+  }
+  constexpr int64_t kTask = 64;  // output columns per task, a multiple of the tile widths
   at::parallel_for(0, ceil_div(N, kTask), 1, [&](int64_t b, int64_t e) {
     const int64_t n0 = b * kTask, n1 = std::min(N, e * kTask);
     if (avx2) cpu::avx2::int8_gemm(p, n0, n1);

@@ -31,7 +31,15 @@ struct Int8GemmParams {
   index_t n_out = 0;
   float* out = nullptr;          ///< [M, N]
   index_t M = 0, N = 0, K = 0, lda = 0;
+  /// Int8QuantParams::neg_sum (required by the AVX2 kernel), and optionally a_abs / a_neg (same
+  /// lda): with them the AVX2 kernel takes its packed-panel path for M >= kInt8PanelMinM.
+  const int32_t* neg_sum = nullptr;
+  const uint8_t* a_abs = nullptr;
+  const uint8_t* a_neg = nullptr;
 };
+
+/// Rows from which the AVX2 int8 GEMM packs weight panels (below, it streams weight rows).
+constexpr index_t kInt8PanelMinM = 16;
 
 /// \brief One row range of int8 rowwise quantisation: scale[r] = absmax / 127 over the entries
 /// with |x| < threshold (all when threshold <= 0), q = round_half_even(x * 127 / absmax);
@@ -44,6 +52,12 @@ struct Int8QuantParams {
   const uint8_t* col_mask = nullptr;  ///< [K] or null
   int8_t* q = nullptr;
   float* scale = nullptr;
+  /// Optional, for the AVX2 int8 GEMM: per row the sum of |q| over the negative entries (the
+  /// correction of maddubs(|a|, w ^ neg(a)) = a.w - neg_sum), and for its packed-panel path |q|
+  /// (u8) and the masks 0xff where q < 0 else 0.
+  int32_t* neg_sum = nullptr;
+  uint8_t* a_abs = nullptr;
+  uint8_t* a_neg = nullptr;
 };
 
 /// \brief A 4-bit weight in bitsandbytes' layout: blocks of `block` (power of two) elements of

@@ -8,6 +8,7 @@
 // each int16 lane is |a0 w0| + |a1 w1| <= 2 * 127 * 127 = 32258 < 32767: maddubs never
 // saturates. (Activations offset to u8, as fbgemm does, would reach 2 * 255 * 127 and saturate;
 // hence the sign transfer, which costs one extra instruction per 32 products.)
+#include <cstdlib>
 #include <cstring>
 
 #include "tilefuse/cpu/lowbit.h"
@@ -64,15 +65,17 @@ void tile(const Int8GemmParams& p, index_t m0, index_t n0) {
 #pragma GCC unroll 2
   for (index_t k = 0; k < Kmain; k += 32) {
     if constexpr (MR == 1) {
-      // GEMV: |a| once, the sign of a moved onto each weight vector (4 instead of 5 ops per
-      // 32 products), and the weight stream prefetched ahead.
+      // GEMV: |a| and the sign mask of a once per step, then per weight vector the xor form of
+      // the panel path below (4 ops per 32 products; vpsignb moving the sign of a onto w
+      // would turn w = -128 into -128 instead of +128), and the weight stream prefetched ahead.
       const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar[0] + k));
       const __m256i ua = _mm256_abs_epi8(av);
+      const __m256i neg = _mm256_cmpgt_epi8(_mm256_setzero_si256(), av);
 #pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) {
         _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k) + 512, _MM_HINT_T0);
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
-        const __m256i prod16 = _mm256_maddubs_epi16(ua, _mm256_sign_epi8(wv, av));
+        const __m256i prod16 = _mm256_maddubs_epi16(ua, _mm256_xor_si256(wv, neg));
         acc[0][j] = _mm256_add_epi32(acc[0][j], _mm256_madd_epi16(prod16, ones));
       }
     } else {
@@ -98,9 +101,254 @@ void tile(const Int8GemmParams& p, index_t m0, index_t n0) {
 #pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) {
       int32_t v = hsum_epi32(acc[i][j]);
-      for (index_t k = Kmain; k < K; ++k) v += int32_t(ar[i][k]) * int32_t(wr[j][k]);
+      if constexpr (MR == 1) {
+        // The xor form undercounts by sum_{a_k < 0} |a_k| (neg_sum, over the whole row): the
+        // tail takes its share out again, so adding neg_sum leaves the exact product.
+        for (index_t k = Kmain; k < K; ++k)
+          v += int32_t(ar[i][k]) * int32_t(wr[j][k]) + (ar[i][k] < 0 ? int32_t(ar[i][k]) : 0);
+        v += p.neg_sum[m0 + i];
+      } else {
+        for (index_t k = Kmain; k < K; ++k) v += int32_t(ar[i][k]) * int32_t(wr[j][k]);
+      }
       epilogue(p, m0 + i, n0 + j, v);
     }
+}
+
+// ---- Packed-panel path (M >= kInt8PanelMinM) -------------------------------------------------
+// Outer-product form: a panel holds 32 output columns as [k/4][32][4] bytes, so one 32-byte
+// vector is 8 columns x 4 consecutive k; an activation row supplies its 4 bytes by broadcast.
+// maddubs(|a|, w ^ neg(a)) -> madd(., 1) gives, per column lane, sum |a_k| (w_k ^ neg_k) =
+// a.w - sum_{a_k < 0} |a_k| (for a_k < 0, ~w = -w - 1), so the exact product is the lane plus
+// the row's neg_sum. Exactness: |a| <= 127 and w ^ neg in [-128, 127] give int16 pair sums of at
+// most 2 * 127 * 128 = 32512 < 32767, no saturation. The xor runs on any vector pipe, where
+// vpsignb would compete with maddubs / madd for the two multiply pipes (L1-resident loop
+// measured here: 2 rows x 32 columns per step ~160 GOP/s per core, ~150 with vpsignb, ~100 for
+// the row-dot form above). Tiles of 3 rows x 32 columns (12 accumulators): end to end, one
+// thread, cold weights, 6-7 % faster than 2 rows at M = 32 and 23 % at M = N = K = 2048.
+constexpr index_t kPanelN = 32;    // output columns per panel (4 vectors of 8 lanes)
+constexpr index_t kPanelKC = 512;  // few rows: k per pass, a 16 KiB panel slice stays in L1
+// Many rows: k per packed slice and activation rows per pass over the panels. A 64 KiB panel
+// slice and 32 rows x 2048 x 2 bytes of activations share L2; long slices keep the int32
+// partial sums (stored in the output between slices) out of the way. Measured at M = N = K =
+// 2048, one thread: (KC, MC) = (512, 128) 128-132 GOP/s, (1024, 64) 132-146, (2048, 32) 120-151
+// (noisy machine).
+constexpr index_t kPanelBigKC = 2048, kPanelBigMC = 32;
+constexpr index_t kPanelSmallM = 128;  // up to this many rows, panels are packed one at a time
+
+inline __m256i bcast4(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+/// Packs columns [n0, n0 + nv) (nv <= 32, zero columns past nv) and k in [kc, kc + kl) (zero
+/// past K) of the row-major [N, K] weight into dst[kl / 4][32][4].
+void pack_panel(const Int8GemmParams& p, index_t n0, index_t nv, index_t kc, index_t kl,
+                uint8_t* dst) {
+  const index_t K = p.K;
+  for (index_t g = 0; g < kPanelN; g += 8) {
+    const int8_t* rows[8];
+    bool full = true;
+    for (int r = 0; r < 8; ++r) {
+      const bool live = g + r < nv;
+      full = full && live;
+      rows[r] = live ? p.w + (n0 + g + r) * K : nullptr;
+    }
+    index_t k = 0;
+    if (full) {
+      // 8 rows x 32 bytes = an 8 x 8 matrix of 4-byte groups, transposed in registers.
+      for (; k + 32 <= kl && kc + k + 32 <= K; k += 32) {
+        __m256i r[8];
+        for (int i = 0; i < 8; ++i)
+          r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + kc + k));
+        __m256i t[8], u[8];
+        for (int i = 0; i < 8; i += 2) {
+          t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+          t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) {
+          u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+          u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+          u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+          u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+        }
+        uint8_t* d = dst + (k / 4) * (kPanelN * 4) + g * 4;
+        for (int i = 0; i < 4; ++i) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i * kPanelN * 4),
+                              _mm256_permute2x128_si256(u[i], u[i + 4], 0x20));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + (i + 4) * kPanelN * 4),
+                              _mm256_permute2x128_si256(u[i], u[i + 4], 0x31));
+        }
+      }
+    }
+    for (; k < kl; k += 4) {
+      uint8_t* d = dst + (k / 4) * (kPanelN * 4) + g * 4;
+      for (int r = 0; r < 8; ++r)
+        for (int b = 0; b < 4; ++b) {
+          const index_t kk = kc + k + b;
+          d[r * 4 + b] = rows[r] != nullptr && kk < K ? static_cast<uint8_t>(rows[r][kk]) : 0;
+        }
+    }
+  }
+}
+
+/// acc[i][j] += the int32 products of activation rows m..m+MR-1 with the 32 panel columns over
+/// `steps` groups of 4 k (ua / ng already offset to the slice's first k).
+template <int MR>
+inline void panel_micro(const uint8_t* ua, const uint8_t* ng, index_t lda, const uint8_t* pw,
+                        index_t steps, __m256i (&acc)[MR][4]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i c[MR][4];  // local copies: GCC keeps these in registers, not the caller's array
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) c[i][j] = acc[i][j];
+  // Two steps per iteration, as in tile() above (one per iteration adds a register copy per
+  // accumulator).
+#pragma GCC unroll 2
+  for (index_t s = 0; s < steps; ++s) {
+    const uint8_t* w = pw + s * (kPanelN * 4);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const __m256i u = bcast4(ua + i * lda + 4 * s);
+      const __m256i m = bcast4(ng + i * lda + 4 * s);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + 32 * j));
+        c[i][j] = _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_xor_si256(wv, m)), ones), c[i][j]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[i][j] = c[i][j];
+}
+
+/// Final values of row m, columns [n0, n0 + nv): exact int32 (lanes + neg_sum), then the
+/// scale, outlier and bias terms; 8 columns per vector where nothing per-element is needed.
+inline void panel_epilogue(const Int8GemmParams& p, index_t m, index_t n0, index_t nv,
+                           const __m256i (&acc)[4]) {
+  const __m256i ns = _mm256_set1_epi32(p.neg_sum[m]);
+  const __m256 as = _mm256_set1_ps(p.a_scale[m]);
+  const bool simple = p.extra == nullptr && p.n_out == 0;
+  float* out = p.out + m * p.N;
+  for (int j = 0; j < 4 && 8 * j < nv; ++j) {
+    const index_t c0 = n0 + 8 * j;
+    const __m256i a = _mm256_add_epi32(acc[j], ns);
+    if (simple && nv - 8 * j >= 8) {
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(as, _mm256_loadu_ps(p.w_scale + c0)));
+      if (p.bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + c0));
+      _mm256_storeu_ps(out + c0, v);
+    } else {
+      alignas(32) int32_t t[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t), a);
+      for (index_t l = 0; l < 8 && 8 * j + l < nv; ++l) epilogue(p, m, c0 + l, t[l]);
+    }
+  }
+}
+
+/// Partial sums of a K slice live in the output rows themselves (as int32) until the last slice.
+template <int MR>
+void panel_rows(const Int8GemmParams& p, index_t m, index_t n0, index_t nv, index_t kc,
+                index_t steps, const uint8_t* panel, bool first, bool last) {
+  __m256i acc[MR][4];
+  for (int i = 0; i < MR; ++i) {
+    int32_t* c = reinterpret_cast<int32_t*>(p.out + (m + i) * p.N + n0);
+    for (int j = 0; j < 4; ++j) {
+      if (first) {
+        acc[i][j] = _mm256_setzero_si256();
+      } else if (nv >= 8 * (j + 1)) {
+        acc[i][j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 8 * j));
+      } else {
+        alignas(32) int32_t t[8] = {};
+        for (index_t l = 8 * j; l < nv; ++l) t[l - 8 * j] = c[l];
+        acc[i][j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+      }
+    }
+  }
+  panel_micro<MR>(p.a_abs + m * p.lda + kc, p.a_neg + m * p.lda + kc, p.lda, panel, steps, acc);
+  for (int i = 0; i < MR; ++i) {
+    if (last) {
+      panel_epilogue(p, m + i, n0, nv, acc[i]);
+      continue;
+    }
+    int32_t* c = reinterpret_cast<int32_t*>(p.out + (m + i) * p.N + n0);
+    for (int j = 0; j < 4 && 8 * j < nv; ++j) {
+      if (nv >= 8 * (j + 1)) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 8 * j), acc[i][j]);
+      } else {
+        alignas(32) int32_t t[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc[i][j]);
+        for (index_t l = 8 * j; l < nv; ++l) c[l] = t[l - 8 * j];
+      }
+    }
+  }
+}
+
+void int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
+  const index_t Kp4 = (p.K + 3) & ~index_t(3);
+  const index_t np = (n_end - n_begin + kPanelN - 1) / kPanelN;
+  auto rows = [&](const uint8_t* panel, index_t n0, index_t nv, index_t kc, index_t kl,
+                  index_t m0, index_t m1) {
+    const bool first = kc == 0, last = kc + kl >= Kp4;
+    index_t m = m0;
+    for (; m + 3 <= m1; m += 3) panel_rows<3>(p, m, n0, nv, kc, kl / 4, panel, first, last);
+    for (; m + 2 <= m1; m += 2) panel_rows<2>(p, m, n0, nv, kc, kl / 4, panel, first, last);
+    for (; m < m1; ++m) panel_rows<1>(p, m, n0, nv, kc, kl / 4, panel, first, last);
+  };
+  if (p.M <= kPanelSmallM) {
+    // Few rows: each panel is packed over the whole K (long row reads the prefetcher follows,
+    // 128 KiB at K = 4096, in L2), then every row tile runs over it one L1-sized K slice at a
+    // time. (Packing K slices of all panels instead reads 512-byte pieces of 32 rows at once,
+    // latency-bound: it cost a third of the M = 32 time.) The next panel's weight rows are
+    // prefetched into L2 a few lines per row tile meanwhile, so its packing does not wait on
+    // DRAM (cold weights, M = 32: packing was ~30 % of the time without this).
+    uint8_t* buf = static_cast<uint8_t*>(std::aligned_alloc(64, Kp4 * kPanelN));
+    const index_t line_per_row = (p.K + 63) / 64;
+    const index_t ticks = ((Kp4 + kPanelKC - 1) / kPanelKC) * ((p.M + 2) / 3);
+    const index_t per_tick = (kPanelN * line_per_row + ticks - 1) / ticks;
+    for (index_t q = 0; q < np; ++q) {
+      const index_t n0 = n_begin + q * kPanelN, nv = imin(kPanelN, n_end - n0);
+      const index_t nn = imin(kPanelN, imax(0, n_end - n0 - kPanelN));  // rows of the next panel
+      index_t line = 0;
+      pack_panel(p, n0, nv, 0, Kp4, buf);
+      for (index_t kc = 0; kc < Kp4; kc += kPanelKC) {
+        const index_t kl = imin(kPanelKC, Kp4 - kc);
+        const bool first = kc == 0, last = kc + kl >= Kp4;
+        for (index_t m = 0; m < p.M; m += 3) {
+          if (m + 3 <= p.M) panel_rows<3>(p, m, n0, nv, kc, kl / 4, buf + kc * kPanelN, first, last);
+          else if (m + 2 <= p.M) panel_rows<2>(p, m, n0, nv, kc, kl / 4, buf + kc * kPanelN, first, last);
+          else panel_rows<1>(p, m, n0, nv, kc, kl / 4, buf + kc * kPanelN, first, last);
+          for (index_t t = 0; t < per_tick && line < nn * line_per_row; ++t, ++line) {
+            const int8_t* r = p.w + (n0 + kPanelN + line / line_per_row) * p.K;
+            _mm_prefetch(reinterpret_cast<const char*>(r + (line % line_per_row) * 64), _MM_HINT_T1);
+          }
+        }
+      }
+    }
+    std::free(buf);
+    return;
+  }
+  // Many rows: all panel slices of a K slice are packed once and reused by every block of
+  // kPanelBigMC rows.
+  const index_t slice = kPanelBigKC * kPanelN;
+  uint8_t* buf = static_cast<uint8_t*>(std::aligned_alloc(64, np * slice));
+  for (index_t kc = 0; kc < Kp4; kc += kPanelBigKC) {
+    const index_t kl = imin(kPanelBigKC, Kp4 - kc);
+    for (index_t q = 0; q < np; ++q) {
+      const index_t n0 = n_begin + q * kPanelN;
+      pack_panel(p, n0, imin(kPanelN, n_end - n0), kc, kl, buf + q * slice);
+    }
+    for (index_t mc = 0; mc < p.M; mc += kPanelBigMC)
+      for (index_t q = 0; q < np; ++q) {
+        const index_t n0 = n_begin + q * kPanelN;
+        rows(buf + q * slice, n0, imin(kPanelN, n_end - n0), kc, kl, mc,
+             imin(p.M, mc + kPanelBigMC));
+      }
+  }
+  std::free(buf);
 }
 
 template <int MR>
@@ -118,6 +366,10 @@ void row_tiles(const Int8GemmParams& p, index_t m0, index_t n_begin, index_t n_e
 
 void int8_gemm(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
 #ifdef __AVX2__
+  if (p.a_abs != nullptr && p.M >= kInt8PanelMinM && n_end > n_begin && p.K > 0) {
+    int8_gemm_panels(p, n_begin, n_end);
+    return;
+  }
   // Weight rows of one n-block stay in L2 (<= ~192 KiB) while every activation tile passes
   // over them, so each weight byte comes from DRAM once.
   const index_t nb = imax(12, imin(96, (192 * 1024) / imax(p.K, 1) / 12 * 12));  // mult. of NR

@@ -35,6 +35,20 @@ void int8_quantize_rows(const Int8QuantParams& p, index_t r_begin, index_t r_end
       q[k] = static_cast<int8_t>(v);
     }
     for (index_t k = p.K; k < p.ldq; ++k) q[k] = 0;
+    if (p.neg_sum != nullptr) {
+      int32_t ns = 0;
+      for (index_t k = 0; k < p.K; ++k) ns += q[k] < 0 ? -q[k] : 0;
+      p.neg_sum[r] = ns;
+    }
+    if (p.a_abs != nullptr) {
+      uint8_t* ua = p.a_abs + r * p.ldq;
+      uint8_t* neg = p.a_neg + r * p.ldq;
+      for (index_t k = 0; k < p.ldq; ++k) {
+        const int v = q[k];
+        ua[k] = static_cast<uint8_t>(v < 0 ? -v : v);
+        neg[k] = v < 0 ? 0xff : 0;
+      }
+    }
   }
 }
 
