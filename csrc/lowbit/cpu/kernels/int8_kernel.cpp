@@ -125,7 +125,9 @@ void tile(const Int8GemmParams& p, index_t m0, index_t n0) {
 // measured here: 2 rows x 32 columns per step ~160 GOP/s per core, ~150 with vpsignb, ~100 for
 // the row-dot form above). Tiles of 3 rows x 32 columns (12 accumulators): end to end, one
 // thread, cold weights, 6-7 % faster than 2 rows at M = 32 and 23 % at M = N = K = 2048.
-constexpr index_t kPanelN = 32;    // output columns per panel (4 vectors of 8 lanes)
+constexpr index_t kPanelN = 32;    // output columns per panel (kPanelV vectors of 8 lanes)
+constexpr int kPanelV = kPanelN / 8;
+constexpr int kRowTile = 3;        // activation rows per micro tile
 constexpr index_t kPanelKC = 512;  // few rows: k per pass, a 16 KiB panel slice stays in L1
 // Many rows: k per packed slice and activation rows per pass over the panels. A 64 KiB panel
 // slice and 32 rows x 2048 x 2 bytes of activations share L2; long slices keep the int32
@@ -196,13 +198,13 @@ void pack_panel(const Int8GemmParams& p, index_t n0, index_t nv, index_t kc, ind
 /// `steps` groups of 4 k (ua / ng already offset to the slice's first k).
 template <int MR>
 inline void panel_micro(const uint8_t* ua, const uint8_t* ng, index_t lda, const uint8_t* pw,
-                        index_t steps, __m256i (&acc)[MR][4]) {
+                        index_t steps, __m256i (&acc)[MR][kPanelV]) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i c[MR][4];  // local copies: GCC keeps these in registers, not the caller's array
+  __m256i c[MR][kPanelV];  // local copies: GCC keeps these in registers, not the caller's array
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) c[i][j] = acc[i][j];
+    for (int j = 0; j < kPanelV; ++j) c[i][j] = acc[i][j];
   // Two steps per iteration, as in tile() above (one per iteration adds a register copy per
   // accumulator).
 #pragma GCC unroll 2
@@ -213,7 +215,7 @@ inline void panel_micro(const uint8_t* ua, const uint8_t* ng, index_t lda, const
       const __m256i u = bcast4(ua + i * lda + 4 * s);
       const __m256i m = bcast4(ng + i * lda + 4 * s);
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < kPanelV; ++j) {
         const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + 32 * j));
         c[i][j] = _mm256_add_epi32(
             _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_xor_si256(wv, m)), ones), c[i][j]);
@@ -223,22 +225,23 @@ inline void panel_micro(const uint8_t* ua, const uint8_t* ng, index_t lda, const
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[i][j] = c[i][j];
+    for (int j = 0; j < kPanelV; ++j) acc[i][j] = c[i][j];
 }
 
 /// Final values of row m, columns [n0, n0 + nv): exact int32 (lanes + neg_sum), then the
 /// scale, outlier and bias terms; 8 columns per vector where nothing per-element is needed.
 inline void panel_epilogue(const Int8GemmParams& p, index_t m, index_t n0, index_t nv,
-                           const __m256i (&acc)[4]) {
+                           const __m256i (&acc)[kPanelV]) {
   const __m256i ns = _mm256_set1_epi32(p.neg_sum[m]);
   const __m256 as = _mm256_set1_ps(p.a_scale[m]);
   const bool simple = p.extra == nullptr && p.n_out == 0;
   float* out = p.out + m * p.N;
-  for (int j = 0; j < 4 && 8 * j < nv; ++j) {
+  for (int j = 0; j < kPanelV && 8 * j < nv; ++j) {
     const index_t c0 = n0 + 8 * j;
     const __m256i a = _mm256_add_epi32(acc[j], ns);
     if (simple && nv - 8 * j >= 8) {
-      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(as, _mm256_loadu_ps(p.w_scale + c0)));
+      const __m256 sc = _mm256_mul_ps(as, _mm256_loadu_ps(p.w_scale + c0));
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), sc);
       if (p.bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + c0));
       _mm256_storeu_ps(out + c0, v);
     } else {
@@ -253,10 +256,10 @@ inline void panel_epilogue(const Int8GemmParams& p, index_t m, index_t n0, index
 template <int MR>
 void panel_rows(const Int8GemmParams& p, index_t m, index_t n0, index_t nv, index_t kc,
                 index_t steps, const uint8_t* panel, bool first, bool last) {
-  __m256i acc[MR][4];
+  __m256i acc[MR][kPanelV];
   for (int i = 0; i < MR; ++i) {
     int32_t* c = reinterpret_cast<int32_t*>(p.out + (m + i) * p.N + n0);
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < kPanelV; ++j) {
       if (first) {
         acc[i][j] = _mm256_setzero_si256();
       } else if (nv >= 8 * (j + 1)) {
@@ -275,7 +278,7 @@ void panel_rows(const Int8GemmParams& p, index_t m, index_t n0, index_t nv, inde
       continue;
     }
     int32_t* c = reinterpret_cast<int32_t*>(p.out + (m + i) * p.N + n0);
-    for (int j = 0; j < 4 && 8 * j < nv; ++j) {
+    for (int j = 0; j < kPanelV && 8 * j < nv; ++j) {
       if (nv >= 8 * (j + 1)) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 8 * j), acc[i][j]);
       } else {
@@ -287,6 +290,13 @@ void panel_rows(const Int8GemmParams& p, index_t m, index_t n0, index_t nv, inde
   }
 }
 
+/// Rows [m, m1) (fewer than kRowTile) of one panel.
+void tail_rows(const Int8GemmParams& p, index_t m, index_t m1, index_t n0, index_t nv,
+               index_t kc, index_t kl, const uint8_t* panel, bool first, bool last) {
+  for (; m + 2 <= m1; m += 2) panel_rows<2>(p, m, n0, nv, kc, kl / 4, panel, first, last);
+  if (m < m1) panel_rows<1>(p, m, n0, nv, kc, kl / 4, panel, first, last);
+}
+
 void int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
   const index_t Kp4 = (p.K + 3) & ~index_t(3);
   const index_t np = (n_end - n_begin + kPanelN - 1) / kPanelN;
@@ -294,9 +304,9 @@ void int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
                   index_t m0, index_t m1) {
     const bool first = kc == 0, last = kc + kl >= Kp4;
     index_t m = m0;
-    for (; m + 3 <= m1; m += 3) panel_rows<3>(p, m, n0, nv, kc, kl / 4, panel, first, last);
-    for (; m + 2 <= m1; m += 2) panel_rows<2>(p, m, n0, nv, kc, kl / 4, panel, first, last);
-    for (; m < m1; ++m) panel_rows<1>(p, m, n0, nv, kc, kl / 4, panel, first, last);
+    for (; m + kRowTile <= m1; m += kRowTile)
+      panel_rows<kRowTile>(p, m, n0, nv, kc, kl / 4, panel, first, last);
+    if (m < m1) tail_rows(p, m, m1, n0, nv, kc, kl, panel, first, last);
   };
   if (p.M <= kPanelSmallM) {
     // Few rows: each panel is packed over the whole K (long row reads the prefetcher follows,
@@ -307,7 +317,7 @@ void int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
     // DRAM (cold weights, M = 32: packing was ~30 % of the time without this).
     uint8_t* buf = static_cast<uint8_t*>(std::aligned_alloc(64, Kp4 * kPanelN));
     const index_t line_per_row = (p.K + 63) / 64;
-    const index_t ticks = ((Kp4 + kPanelKC - 1) / kPanelKC) * ((p.M + 2) / 3);
+    const index_t ticks = ((Kp4 + kPanelKC - 1) / kPanelKC) * ((p.M + kRowTile - 1) / kRowTile);
     const index_t per_tick = (kPanelN * line_per_row + ticks - 1) / ticks;
     for (index_t q = 0; q < np; ++q) {
       const index_t n0 = n_begin + q * kPanelN, nv = imin(kPanelN, n_end - n0);
@@ -317,13 +327,16 @@ void int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
       for (index_t kc = 0; kc < Kp4; kc += kPanelKC) {
         const index_t kl = imin(kPanelKC, Kp4 - kc);
         const bool first = kc == 0, last = kc + kl >= Kp4;
-        for (index_t m = 0; m < p.M; m += 3) {
-          if (m + 3 <= p.M) panel_rows<3>(p, m, n0, nv, kc, kl / 4, buf + kc * kPanelN, first, last);
-          else if (m + 2 <= p.M) panel_rows<2>(p, m, n0, nv, kc, kl / 4, buf + kc * kPanelN, first, last);
-          else panel_rows<1>(p, m, n0, nv, kc, kl / 4, buf + kc * kPanelN, first, last);
+        for (index_t m = 0; m < p.M; m += kRowTile) {
+          const uint8_t* slice = buf + kc * kPanelN;
+          if (m + kRowTile <= p.M)
+            panel_rows<kRowTile>(p, m, n0, nv, kc, kl / 4, slice, first, last);
+          else
+            tail_rows(p, m, p.M, n0, nv, kc, kl, slice, first, last);
           for (index_t t = 0; t < per_tick && line < nn * line_per_row; ++t, ++line) {
             const int8_t* r = p.w + (n0 + kPanelN + line / line_per_row) * p.K;
-            _mm_prefetch(reinterpret_cast<const char*>(r + (line % line_per_row) * 64), _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(r + (line % line_per_row) * 64),
+                         _MM_HINT_T1);
           }
         }
       }
