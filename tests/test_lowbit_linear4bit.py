@@ -49,11 +49,15 @@ def test_odd_shapes_and_blocks_spanning_rows(fmt, N, K, block, cpu_isa):
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "int4"])
-def test_double_quant(fmt, cpu_isa):
+@pytest.mark.parametrize("block", [32, 64])
+def test_double_quant(fmt, block, cpu_isa):
+    # Block 64 with K % 64 == 0 takes the 64-code GEMV steps (nested-scale variant); 32 the
+    # 32-code ones; M = 1 and 3 both run the GEMV.
     x = torch.randn(3, 320)
-    packed, st = tilefuse.quantize_4bit(torch.randn(72, 320), fmt, 32, double_quant=True)
+    packed, st = tilefuse.quantize_4bit(torch.randn(72, 320), fmt, block, double_quant=True)
     assert st.double_quant
     _check(tilefuse.linear_4bit(x, packed, st), x, packed, st)
+    _check(tilefuse.linear_4bit(x[:1], packed, st), x[:1], packed, st)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
