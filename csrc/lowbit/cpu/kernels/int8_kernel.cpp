@@ -115,7 +115,7 @@ void tile(const Int8GemmParams& p, index_t m0, index_t n0) {
 }
 
 // ---- Packed-panel path (M >= kInt8PanelMinM) -------------------------------------------------
-// Outer-product form: a panel holds 32 output columns as [k/4][32][4] bytes, so one 32-byte
+// Outer-product form: a panel holds 24 output columns as [k/4][24][4] bytes, so one 32-byte
 // vector is 8 columns x 4 consecutive k; an activation row supplies its 4 bytes by broadcast.
 // maddubs(|a|, w ^ neg(a)) -> madd(., 1) gives, per column lane, sum |a_k| (w_k ^ neg_k) =
 // a.w - sum_{a_k < 0} |a_k| (for a_k < 0, ~w = -w - 1), so the exact product is the lane plus
@@ -123,17 +123,19 @@ void tile(const Int8GemmParams& p, index_t m0, index_t n0) {
 // most 2 * 127 * 128 = 32512 < 32767, no saturation. The xor runs on any vector pipe, where
 // vpsignb would compete with maddubs / madd for the two multiply pipes (L1-resident loop
 // measured here: 2 rows x 32 columns per step ~160 GOP/s per core, ~150 with vpsignb, ~100 for
-// the row-dot form above). Tiles of 3 rows x 32 columns (12 accumulators): end to end, one
-// thread, cold weights, 6-7 % faster than 2 rows at M = 32 and 23 % at M = N = K = 2048.
-constexpr index_t kPanelN = 32;    // output columns per panel (kPanelV vectors of 8 lanes)
+// the row-dot form above). Tiles of 4 rows x 24 columns (12 accumulators). End to end, one
+// thread, cold weights, alternating builds: 3 x 32 was 6-7 % faster than 2 x 32 at M = 32 and
+// 23 % at M = N = K = 2048; 4 x 24 is 1-4 % faster than 3 x 32 at M = 32, 11-33 % at 2048,
+// -5..+2 % at M = 128.
+constexpr index_t kPanelN = 24;    // output columns per panel (kPanelV vectors of 8 lanes)
 constexpr int kPanelV = kPanelN / 8;
-constexpr int kRowTile = 3;        // activation rows per micro tile
-constexpr index_t kPanelKC = 512;  // few rows: k per pass, a 16 KiB panel slice stays in L1
-// Many rows: k per packed slice and activation rows per pass over the panels. A 64 KiB panel
+constexpr int kRowTile = 4;        // activation rows per micro tile
+constexpr index_t kPanelKC = 512;  // few rows: k per pass, a 12 KiB panel slice stays in L1
+// Many rows: k per packed slice and activation rows per pass over the panels. A 48 KiB panel
 // slice and 32 rows x 2048 x 2 bytes of activations share L2; long slices keep the int32
 // partial sums (stored in the output between slices) out of the way. Measured at M = N = K =
-// 2048, one thread: (KC, MC) = (512, 128) 128-132 GOP/s, (1024, 64) 132-146, (2048, 32) 120-151
-// (noisy machine).
+// 2048, one thread, 2 x 32 tiles: (KC, MC) = (512, 128) 128-132 GOP/s, (1024, 64) 132-146,
+// (2048, 32) 120-151 (noisy machine).
 constexpr index_t kPanelBigKC = 2048, kPanelBigMC = 32;
 constexpr index_t kPanelSmallM = 128;  // up to this many rows, panels are packed one at a time
 
@@ -144,7 +146,7 @@ inline __m256i bcast4(const uint8_t* p) {
 }
 
 /// Packs columns [n0, n0 + nv) (nv <= 32, zero columns past nv) and k in [kc, kc + kl) (zero
-/// past K) of the row-major [N, K] weight into dst[kl / 4][32][4].
+/// past K) of the row-major [N, K] weight into dst[kl / 4][kPanelN][4].
 void pack_panel(const Int8GemmParams& p, index_t n0, index_t nv, index_t kc, index_t kl,
                 uint8_t* dst) {
   const index_t K = p.K;
@@ -194,7 +196,7 @@ void pack_panel(const Int8GemmParams& p, index_t n0, index_t nv, index_t kc, ind
   }
 }
 
-/// acc[i][j] += the int32 products of activation rows m..m+MR-1 with the 32 panel columns over
+/// acc[i][j] += the int32 products of activation rows m..m+MR-1 with the panel columns over
 /// `steps` groups of 4 k (ua / ng already offset to the slice's first k).
 template <int MR>
 inline void panel_micro(const uint8_t* ua, const uint8_t* ng, index_t lda, const uint8_t* pw,
@@ -310,7 +312,7 @@ void int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
   };
   if (p.M <= kPanelSmallM) {
     // Few rows: each panel is packed over the whole K (long row reads the prefetcher follows,
-    // 128 KiB at K = 4096, in L2), then every row tile runs over it one L1-sized K slice at a
+    // 96 KiB at K = 4096, in L2), then every row tile runs over it one L1-sized K slice at a
     // time. (Packing K slices of all panels instead reads 512-byte pieces of 32 rows at once,
     // latency-bound: it cost a third of the M = 32 time.) The next panel's weight rows are
     // prefetched into L2 a few lines per row tile meanwhile, so its packing does not wait on
