@@ -121,7 +121,7 @@ def test_all_zero_activation_row(cpu_isa):
     assert torch.equal(out[1], torch.zeros(8))
 
 
-@pytest.mark.parametrize("M", [1, 6])
+@pytest.mark.parametrize("M", [1, 6, 20])  # 20: the packed-panel kernel (M >= 16)
 def test_outlier_routing(M, cpu_isa):
     K, N, thr = 300, 24, 6.0
     x = torch.randn(M, K)

@@ -64,15 +64,18 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
 
   // LLM.int8(): columns with any |x| >= threshold leave the int8 product; their contribution
   // x_o . q_o^T (weights dequantised from int8, as bitsandbytes) is added in the epilogue.
-  // Few outlier products are added by the kernel epilogue from the weight rows it streams;
-  // many go through one fp32 GEMM on the gathered columns.
+  // Few outlier products on the row-streaming kernel path (M < kInt8PanelMinM) are added by
+  // its epilogue from the weight rows it streams; otherwise they go through one fp32 GEMM on
+  // the gathered columns, which the packed-panel epilogue adds 8 columns at a time.
+  const bool avx2 = cpu::current_isa() == Isa::kAvx2;
+  const bool panels = avx2 && M >= cpu::kInt8PanelMinM;
   at::Tensor mask, extra, cols, xo;
   if (threshold > 0.0 && M > 0) {
     mask = (x2.abs() >= threshold).any(0);
     cols = mask.nonzero().view(-1).contiguous();
     if (cols.numel() > 0) {
       xo = x2.index_select(1, cols).contiguous();
-      if (M * cols.numel() > 256) {
+      if (panels || M * cols.numel() > 256) {
         at::Tensor wo = qw.index_select(1, cols).to(at::kFloat);
         extra = at::mm(xo, wo.t()).contiguous();
         xo = at::Tensor();
@@ -89,14 +92,13 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
   qp.col_mask = mask.defined() ? mask.const_data_ptr<uint8_t>() : nullptr;
   qp.q = aq.mutable_data_ptr<int8_t>();
   qp.scale = ascale.mutable_data_ptr<float>();
-  const bool avx2 = cpu::current_isa() == Isa::kAvx2;
   // The packed-panel GEMM broadcasts |q| and the sign masks of q (see int8_kernel.cpp).
   at::Tensor a_abs, a_neg, neg_sum;
   if (avx2) {
     neg_sum = at::empty({M}, x2.options().dtype(at::kInt));
     qp.neg_sum = neg_sum.mutable_data_ptr<int32_t>();
   }
-  if (avx2 && M >= cpu::kInt8PanelMinM) {
+  if (panels) {
     a_abs = at::empty({M, lda}, x2.options().dtype(at::kByte));
     a_neg = at::empty({M, lda}, x2.options().dtype(at::kByte));
     qp.a_abs = a_abs.mutable_data_ptr<uint8_t>();

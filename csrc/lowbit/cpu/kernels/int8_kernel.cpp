@@ -231,19 +231,22 @@ inline void panel_micro(const uint8_t* ua, const uint8_t* ng, index_t lda, const
 }
 
 /// Final values of row m, columns [n0, n0 + nv): exact int32 (lanes + neg_sum), then the
-/// scale, outlier and bias terms; 8 columns per vector where nothing per-element is needed.
+/// scale, outlier and bias terms in the scalar epilogue's order; 8 columns per vector except
+/// for a panel's last partial vector and the per-element outlier form (n_out > 0; the adapter
+/// passes `extra` instead on this path).
 inline void panel_epilogue(const Int8GemmParams& p, index_t m, index_t n0, index_t nv,
                            const __m256i (&acc)[kPanelV]) {
   const __m256i ns = _mm256_set1_epi32(p.neg_sum[m]);
   const __m256 as = _mm256_set1_ps(p.a_scale[m]);
-  const bool simple = p.extra == nullptr && p.n_out == 0;
   float* out = p.out + m * p.N;
+  const float* extra = p.extra != nullptr ? p.extra + m * p.N : nullptr;
   for (int j = 0; j < kPanelV && 8 * j < nv; ++j) {
     const index_t c0 = n0 + 8 * j;
     const __m256i a = _mm256_add_epi32(acc[j], ns);
-    if (simple && nv - 8 * j >= 8) {
-      const __m256 sc = _mm256_mul_ps(as, _mm256_loadu_ps(p.w_scale + c0));
-      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), sc);
+    if (p.n_out == 0 && nv - 8 * j >= 8) {
+      const __m256 ws = _mm256_loadu_ps(p.w_scale + c0);
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(as, ws));
+      if (extra != nullptr) v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_loadu_ps(extra + c0), ws));
       if (p.bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + c0));
       _mm256_storeu_ps(out + c0, v);
     } else {
