@@ -71,7 +71,16 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
   const bool panels = avx2 && M >= cpu::kInt8PanelMinM;
   at::Tensor mask, extra, cols, xo;
   if (threshold > 0.0 && M > 0) {
-    mask = (x2.abs() >= threshold).any(0);
+    mask = at::empty({K}, x2.options().dtype(at::kByte));
+    {
+      const float* xp = x2.const_data_ptr<float>();
+      uint8_t* mp = mask.mutable_data_ptr<uint8_t>();
+      const float thr = static_cast<float>(threshold);
+      at::parallel_for(0, K, 256, [&](int64_t b, int64_t e) {
+        if (avx2) cpu::avx2::int8_outlier_mask(xp, M, K, thr, b, e, mp);
+        else cpu::generic::int8_outlier_mask(xp, M, K, thr, b, e, mp);
+      });
+    }
     cols = mask.nonzero().view(-1).contiguous();
     if (cols.numel() > 0) {
       xo = x2.index_select(1, cols).contiguous();
@@ -81,7 +90,6 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
         xo = at::Tensor();
       }
     }
-    mask = mask.to(at::kByte).contiguous();
   }
   cpu::Int8QuantParams qp;
   qp.x = x2.const_data_ptr<float>();

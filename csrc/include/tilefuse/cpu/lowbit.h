@@ -105,6 +105,9 @@ constexpr index_t kLinear4bitTileN = 16;
 #define TF_DECLARE_LOWBIT_KERNELS(ns)                                                          \
   namespace ns {                                                                             \
   void int8_quantize_rows(const Int8QuantParams& p, index_t r_begin, index_t r_end);         \
+  /* LLM.int8() outlier columns: mask[k] = any_m |x[m, k]| >= thr, for k in [k0, k1). */      \
+  void int8_outlier_mask(const float* x, index_t M, index_t ldx, float thr, index_t k0,      \
+                         index_t k1, uint8_t* mask);                                         \
   void int8_gemm(const Int8GemmParams& p, index_t n_begin, index_t n_end);                   \
   /* 4-bit: quantise blocks [b_begin, b_end) of the flat x[n]; pairs of blocks share bytes */ \
   /* only at odd block sizes, which are rejected, so ranges of blocks are independent.    */ \

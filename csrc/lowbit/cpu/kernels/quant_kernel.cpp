@@ -52,6 +52,26 @@ void int8_quantize_rows(const Int8QuantParams& p, index_t r_begin, index_t r_end
   }
 }
 
+void int8_outlier_mask(const float* x, index_t M, index_t ldx, float thr, index_t k0,
+                       index_t k1, uint8_t* mask) {
+  // Column block k0..k1 over all rows, as a running max of |x| per column (one pass, no
+  // temporaries; NaN compares false, as in the ATen expression this replaces).
+  constexpr index_t kB = 256;
+  float amax[kB];
+  for (index_t kb = k0; kb < k1; kb += kB) {
+    const index_t n = imin(kB, k1 - kb);
+    for (index_t k = 0; k < n; ++k) amax[k] = 0.0f;
+    for (index_t m = 0; m < M; ++m) {
+      const float* r = x + m * ldx + kb;
+      for (index_t k = 0; k < n; ++k) {
+        const float a = std::fabs(r[k]);
+        amax[k] = a > amax[k] ? a : amax[k];
+      }
+    }
+    for (index_t k = 0; k < n; ++k) mask[kb + k] = amax[k] >= thr ? 1 : 0;
+  }
+}
+
 namespace {
 
 inline int quantize_code(Fmt4 fmt, float y) {
