@@ -302,7 +302,9 @@ void tail_rows(const Int8GemmParams& p, index_t m, index_t m1, index_t n0, index
   if (m < m1) panel_rows<1>(p, m, n0, nv, kc, kl / 4, panel, first, last);
 }
 
-void int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
+/// False (nothing written) when the panel buffer cannot be allocated; the caller then runs
+/// the row path.
+bool int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
   const index_t Kp4 = (p.K + 3) & ~index_t(3);
   const index_t np = (n_end - n_begin + kPanelN - 1) / kPanelN;
   auto rows = [&](const uint8_t* panel, index_t n0, index_t nv, index_t kc, index_t kl,
@@ -321,6 +323,7 @@ void int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
     // prefetched into L2 a few lines per row tile meanwhile, so its packing does not wait on
     // DRAM (cold weights, M = 32: packing was ~30 % of the time without this).
     uint8_t* buf = static_cast<uint8_t*>(std::aligned_alloc(64, Kp4 * kPanelN));
+    if (buf == nullptr) return false;
     const index_t line_per_row = (p.K + 63) / 64;
     const index_t ticks = ((Kp4 + kPanelKC - 1) / kPanelKC) * ((p.M + kRowTile - 1) / kRowTile);
     const index_t per_tick = (kPanelN * line_per_row + ticks - 1) / ticks;
@@ -347,12 +350,13 @@ void int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
       }
     }
     std::free(buf);
-    return;
+    return true;
   }
   // Many rows: all panel slices of a K slice are packed once and reused by every block of
   // kPanelBigMC rows.
   const index_t slice = kPanelBigKC * kPanelN;
   uint8_t* buf = static_cast<uint8_t*>(std::aligned_alloc(64, np * slice));
+  if (buf == nullptr) return false;
   for (index_t kc = 0; kc < Kp4; kc += kPanelBigKC) {
     const index_t kl = imin(kPanelBigKC, Kp4 - kc);
     for (index_t q = 0; q < np; ++q) {
@@ -367,6 +371,7 @@ void int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
       }
   }
   std::free(buf);
+  return true;
 }
 
 template <int MR>
@@ -385,8 +390,7 @@ void row_tiles(const Int8GemmParams& p, index_t m0, index_t n_begin, index_t n_e
 void int8_gemm(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
 #ifdef __AVX2__
   if (p.a_abs != nullptr && p.M >= kInt8PanelMinM && n_end > n_begin && p.K > 0) {
-    int8_gemm_panels(p, n_begin, n_end);
-    return;
+    if (int8_gemm_panels(p, n_begin, n_end)) return;
   }
   // Weight rows of one n-block stay in L2 (<= ~192 KiB) while every activation tile passes
   // over them, so each weight byte comes from DRAM once.
