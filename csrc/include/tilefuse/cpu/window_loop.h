@@ -993,14 +993,37 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
   T* dbias = x.dbias ? x.dbias + item * Rn : nullptr;
   T* dkpad = x.dk_pad ? x.dk_pad + item * p.D : nullptr;
   T* dvpad = x.dv_pad ? x.dv_pad + item * p.Dv : nullptr;
-  T* dQ = p.dq + ((chunk * p.H + h) * p.Tq + qbeg) * p.Dp;
+  // Token-major results (p.grads_token_major): dQ rows of head h are accumulated, scaled, into
+  // the caller's [Tq, H, D] output (zeroed here: the item owns them), dK / dV rows stored.
+  const bool tok = p.grads_token_major;
+  const index_t lddq = tok ? p.H * p.D : p.Dp;
+  T* dQ = tok ? p.dq + qbeg * lddq + h * p.D : p.dq + ((chunk * p.H + h) * p.Tq + qbeg) * p.Dp;
   T *dK = s.dK.data(), *dV = s.dV.data(), *lse2 = s.lse.data(), *delta = s.delta.data();
   index_t *qtok = s.qtok.data(), *ktok = s.ktok.data();
+  auto dk_row = [&](index_t t) {  // t: sequence-local key token
+    return tok ? p.dk + ((kbeg + t) * p.H + h) * p.D : p.dk + (h * p.Tk + kbeg + t) * p.Dp;
+  };
+  auto dv_row = [&](index_t t) {
+    return tok ? p.dv + ((kbeg + t) * p.H + h) * p.Dv : p.dv + (h * p.Tk + kbeg + t) * p.Dvp;
+  };
+  if (tok)
+    for (index_t i = 0, n = p.cu_q[b + 1] - qbeg; i < n; ++i)
+      std::fill(dQ + i * lddq, dQ + i * lddq + p.D, T(0));
 
   for (index_t kt = kt_begin; kt < kt_end; ++kt) {
     const Box kb = m.key_tile(kt);
     Box qu;
-    if (!m.query_union(kb, qu)) continue;  // keys nobody sees: gradients stay 0
+    if (!m.query_union(kb, qu)) {  // keys nobody sees: zero gradients
+      if (tok) {
+        const index_t kn = box_tokens(m, kb, ktok);
+        for (index_t c = 0; c < kn; ++c) {
+          if (ktok[c] < 0) continue;
+          std::fill(dk_row(ktok[c]), dk_row(ktok[c]) + p.D, T(0));
+          std::fill(dv_row(ktok[c]), dv_row(ktok[c]) + p.Dv, T(0));
+        }
+      }
+      continue;
+    }
     const index_t kn = box_tokens(m, kb, ktok);
     gather_rows<T>(ktok, kn, p.Dp, [&](index_t j) { return p.k.at(hk, kbeg + j); }, kpad, p.D,
                    s.Kg.data(), p.Dp);
@@ -1081,9 +1104,12 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
                                   });
             });
         for (index_t i = 0; i < qm; ++i) {
-          T* dst = dQ + qtok[i] * p.Dp;
+          T* dst = dQ + qtok[i] * lddq;
           const T* src = s.dQg.data() + i * p.Dp;
-          for (index_t c = 0; c < p.D; ++c) dst[c] += src[c];
+          if (tok)
+            for (index_t c = 0; c < p.D; ++c) dst[c] += src[c] * p.scale;
+          else
+            for (index_t c = 0; c < p.D; ++c) dst[c] += src[c];
         }
       }
     }
@@ -1091,8 +1117,8 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
       const T* dk = dK + c * p.Dp;
       const T* dv = dV + c * p.Dvp;
       if (ktok[c] >= 0) {
-        T* dKo = p.dk + (h * p.Tk + kbeg + ktok[c]) * p.Dp;
-        T* dVo = p.dv + (h * p.Tk + kbeg + ktok[c]) * p.Dvp;
+        T* dKo = dk_row(ktok[c]);
+        T* dVo = dv_row(ktok[c]);
         for (index_t d = 0; d < p.D; ++d) dKo[d] = dk[d] * p.scale;
         std::copy(dv, dv + p.Dv, dVo);
       } else {
