@@ -55,21 +55,6 @@ void gather_rows(const index_t* tok, index_t n, index_t C, const Row& row, const
   }
 }
 
-/// dst[c * ldd + j] = src[j * lds + c] for j < n, c < C: the transposed copy of gathered rows
-/// (K^T and V^T of a key tile, built in L1 instead of transposing the whole tensor).
-template <class T>
-void transpose_rows(const T* src, index_t lds, index_t n, index_t C, T* dst, index_t ldd) {
-  constexpr index_t JB = 8;
-  for (index_t j0 = 0; j0 < n; j0 += JB) {
-    const index_t jn = imin(JB, n - j0);
-    for (index_t c = 0; c < C; ++c) {
-      T* d = dst + c * ldd + j0;
-      const T* s = src + j0 * lds + c;
-      for (index_t j = 0; j < jn; ++j) d[j] = s[j * lds];
-    }
-  }
-}
-
 /// dst[c * ldd + j] = row_ptr[j][c] for j < n8 (n8 a multiple of 8; rows past the real ones
 /// point at zeros), c < C: K^T / V^T of a key tile built straight from the token rows, with
 /// 8x8 register transposes in the avx2 tier (fp32).
@@ -111,6 +96,15 @@ void transpose_ptrs(const T* const* rows, index_t n8, index_t C, T* dst, index_t
   }
 }
 
+
+/// Points rows[j] at the K (or V) row of key token ktok[j] of kv head hk, at `pad` for padding
+/// keys and at zeros for j in [kn, n).
+template <class T>
+void key_row_ptrs(const Operand<T>& op, index_t hk, index_t kbeg, const index_t* ktok,
+                  index_t kn, index_t n, const T* pad, const T* zeros, const T** rows) {
+  for (index_t j = 0; j < kn; ++j) rows[j] = ktok[j] >= 0 ? op.at(hk, kbeg + ktok[j]) : pad;
+  for (index_t j = kn; j < n; ++j) rows[j] = zeros;
+}
 
 /// C[m, W cols] = sc * A B (or without sc): one-vector-wide micro-kernel for the last W
 /// columns of a tile whose width is a multiple of W but not of 2W (gemm.h works in 2W).
@@ -360,10 +354,14 @@ void window_mask_tile_cached(const WindowMask& m, index_t b, const Box& qb, cons
 template <class T>
 struct WinFwdScratch : FwdScratch<T> {
   MaskCache<T> cache;
+  std::vector<const T*> rows;  // key row pointers of a tile (transpose_ptrs)
+  std::vector<T> zeros;
 };
 template <class T>
 struct WinBwdScratch : BwdScratch<T> {
   MaskCache<T> cache;
+  std::vector<const T*> rows;
+  std::vector<T> zeros;
 };
 
 /// The outermost axis along which box b has more than one position (2 if none): tokens of b
@@ -441,9 +439,10 @@ void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
     for (index_t t = 0; t < split.count(); ++t) {
       const Box kb = split.piece(t);
       const index_t kn = box_tokens(m, kb, ktok);
-      gather_rows<T>(ktok, kn, p.D, [&](index_t j) { return p.k.at(hk, kbeg + j); }, kpad, p.D,
-                     s.Kg.data(), p.Dp);
-      transpose_rows(s.Kg.data(), p.Dp, kn, p.D, s.KTg.data(), BK);
+      // K^T straight from the token rows (8x8 register transposes; no row gather).
+      key_row_ptrs(p.k, hk, kbeg, ktok, kn, round_up(kn, 8), kpad ? kpad : s.zeros.data(),
+                   s.zeros.data(), s.rows.data());
+      transpose_ptrs(s.rows.data(), round_up(kn, 8), p.D, s.KTg.data(), BK);
       gather_rows<T>(ktok, kn, p.Dvp, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad,
                      p.Dv, s.Vg.data(), p.Dvp);
       const int state = m.tile(qs, kb);
@@ -722,14 +721,6 @@ inline void window_tokens(const WindowMask::Args& args, index_t nb, index_t nq, 
   kn = box_tokens(m, m.key_union(qb), nktok);
 }
 
-/// Points rows[j] at the K (or V) row of key token ktok[j] of kv head hk, at `pad` for padding
-/// keys and at zeros for j in [kn, n).
-template <class T>
-void key_row_ptrs(const Operand<T>& op, index_t hk, index_t kbeg, const index_t* ktok,
-                  index_t kn, index_t n, const T* pad, const T* zeros, const T** rows) {
-  for (index_t j = 0; j < kn; ++j) rows[j] = ktok[j] >= 0 ? op.at(hk, kbeg + ktok[j]) : pad;
-  for (index_t j = kn; j < n; ++j) rows[j] = zeros;
-}
 
 /// Softmax of one single-block logits tile in place: S += tile (mask + bias), P = exp2(S -
 /// rowmax); l = row sums, mx = row maxima (-inf and l = 0 for rows without a visible key).
@@ -935,7 +926,8 @@ void window_fwd(const AttentionParams<T>& p, const WindowMask::Args& args,
   for (index_t b = 0; b < p.B; ++b)
     tile_start[b + 1] = tile_start[b] + WindowMask::make(args, b).num_query_tiles();
   const index_t tiles = tile_start[p.B];
-  const WinFwdScratch<T> proto{fwd_scratch(p, true), {}};
+  const WinFwdScratch<T> proto{fwd_scratch(p, true), {}, std::vector<const T*>(BK),
+                                 std::vector<T>(imax(p.Dp, p.Dvp), T(0))};
   // An item is one query tile for all heads (see prefetch_box).
   for_each_item(r, tiles, proto, [&](index_t t, WinFwdScratch<T>& s) {
     index_t b = 0;
@@ -1015,10 +1007,14 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
     const index_t kn = box_tokens(m, kb, ktok);
     gather_rows<T>(ktok, kn, p.Dp, [&](index_t j) { return p.k.at(hk, kbeg + j); }, kpad, p.D,
                    s.Kg.data(), p.Dp);
-    transpose_rows(s.Kg.data(), p.Dp, kn, p.D, s.KTg.data(), BK);
-    gather_rows<T>(ktok, kn, p.Dv, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad, p.Dv,
-                   s.Vg.data(), p.Dvp);
-    transpose_rows(s.Vg.data(), p.Dvp, kn, p.Dv, s.VTg.data(), BK);
+    // K^T from the gathered rows and V^T straight from the token rows (8x8 register
+    // transposes; V itself is not needed row-major here).
+    const index_t kn8 = round_up(kn, 8);
+    for (index_t j = 0; j < kn8; ++j) s.rows[j] = j < kn ? s.Kg.data() + j * p.Dp : s.zeros.data();
+    transpose_ptrs(s.rows.data(), kn8, p.D, s.KTg.data(), BK);
+    key_row_ptrs(p.v, hk, kbeg, ktok, kn, kn8, vpad ? vpad : s.zeros.data(), s.zeros.data(),
+                 s.rows.data());
+    transpose_ptrs(s.rows.data(), kn8, p.Dv, s.VTg.data(), BK);
     std::fill(dK, dK + kn * p.Dp, T(0));
     std::fill(dV, dV + kn * p.Dvp, T(0));
     // Query slabs along the key tile's outer axis; each sees a contiguous sub-range of the
@@ -1123,7 +1119,8 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
 template <class T>
 void window_bwd(const AttentionParams<T>& p, const WindowMask::Args& args,
                 const WindowExtras<T>& x, const ParallelRunner& r) {
-  const WinBwdScratch<T> proto{bwd_scratch(p, true), {}};
+  const WinBwdScratch<T> proto{bwd_scratch(p, true), {}, std::vector<const T*>(BK),
+                                 std::vector<T>(imax(p.Dp, p.Dvp), T(0))};
   const index_t per_head = p.B * p.n_kv_chunks;
   for_each_item(r, p.H * per_head, proto, [&](index_t it, WinBwdScratch<T>& s) {
     const index_t h = it / per_head, rest = it % per_head;
