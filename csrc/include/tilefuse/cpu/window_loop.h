@@ -385,7 +385,7 @@ inline index_t slab_units(index_t per_unit, index_t target, index_t cap) {
 /// by a contiguous sub-range of the tile's rows (windows are monotone), so the rows that
 /// cannot see it are skipped instead of masked: along that axis the work is exact.
 constexpr index_t kKeySlabTarget = 32;
-constexpr index_t kQuerySlabTarget = 48;
+constexpr index_t kQuerySlabTarget = 28;
 
 template <class T>
 void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
