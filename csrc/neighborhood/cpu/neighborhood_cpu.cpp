@@ -241,7 +241,23 @@ void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at
   p.n_kv_chunks = backward_kv_chunks(items, max_tiles);
   const int64_t n_items = items * p.n_kv_chunks;
   auto opts = q.options().dtype(ct);
-  const GradBuffers gb = grad_buffers(p, q.options());
+  // Without GQA and key-tile chunks, the kernel writes token-major [T, H, C] results directly
+  // (dQ zeroed per item, accumulated and scaled; dK / dV stored): no gradient buffers, zero
+  // fills, scaling pass or layout copies.
+  const bool tok = s.H == s.Hkv && p.n_kv_chunks == 1;
+  GradBuffers gb;
+  at::Tensor dq_t, dk_t, dv_t;
+  if (tok) {
+    p.grads_token_major = true;
+    dq_t = at::empty({p.Tq, s.H, s.D}, opts);
+    dk_t = at::empty({p.Tk, s.H, s.D}, opts);
+    dv_t = at::empty({p.Tk, s.H, s.Dv}, opts);
+    p.dq = dq_t.mutable_data_ptr<T>();
+    p.dk = dk_t.mutable_data_ptr<T>();
+    p.dv = dv_t.mutable_data_ptr<T>();
+  } else {
+    gb = grad_buffers(p, q.options());
+  }
   p.lse_in = lse_c.const_data_ptr<T>();
   p.delta = delta.const_data_ptr<T>();
   const WindowInputs<T> in = window_inputs<T>(s, rpb, k_pad, v_pad, ct);
@@ -260,7 +276,12 @@ void bwd_impl(const WinShapes& s, const at::Tensor& dout, const std::optional<at
   }
   run_bwd_kernel(p, s.args, x);
 
-  const auto [dq_t, dk_t, dv_t] = grads_to_tokens(gb, p, scale);
+  if (!tok) {
+    const std::array<at::Tensor, 3> r = grads_to_tokens(gb, p, scale);
+    dq_t = r[0];
+    dk_t = r[1];
+    dv_t = r[2];
+  }
   g.dq = from_tokens(s, dq_t, q.sizes()).to(q.scalar_type());
   g.dk = from_tokens(s, dk_t, k.sizes()).to(k.scalar_type());
   g.dv = from_tokens(s, dv_t, v.sizes()).to(v.scalar_type());

@@ -54,10 +54,11 @@ struct AttentionParams {
   T* dk = nullptr;            // [H, Tk, Dp] per query head (GQA groups reduced by the caller)
   T* dv = nullptr;            // [H, Tk, Dvp]
   index_t n_kv_chunks = 1;    // backward splits each sequence's key tiles into this many chunks
-  // Dense / band backward only: dq, dk, dv are the caller's token-major outputs [T, H, D | Dv]
-  // instead of the buffers above: dQ accumulated into dq (zero-initialised by the caller) and
-  // scaled in the kernel, dK (scaled) and dV stored. Saves the buffers' allocation, zero fill
-  // and the copies back. Requires H == Hkv, n_kv_chunks == 1, Dp == D and Dvp == Dv.
+  // dq, dk, dv are the caller's token-major outputs [T, H, D | Dv] instead of the buffers
+  // above: dQ accumulated into dq and scaled in the kernel, dK (scaled) and dV stored. Saves
+  // the buffers' allocation, zero fill and the copies back. Requires H == Hkv and
+  // n_kv_chunks == 1; the dense / band backward also Dp == D and Dvp == Dv and a zeroed dq
+  // (the window backward zeroes the dq rows of each item itself and takes any D).
   bool grads_token_major = false;
 };
 

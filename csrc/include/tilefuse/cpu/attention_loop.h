@@ -57,10 +57,6 @@ struct FwdScratch {
   // Gathered operands of spatial tiles (unused by contiguous tiles).
   std::vector<T> Qg, Kg, KTg, Vg;
   std::vector<index_t> qtok, ktok;
-  // Bias tiles of full tile pairs, per head, reused while the tile geometry repeats.
-  std::vector<T> bias_tiles;
-  std::vector<char> bias_valid;
-  index_t bias_key[9] = {};
 };
 
 template <class T>
@@ -260,10 +256,9 @@ struct BwdScratch {
   // Gathered operands of spatial tiles (unused by contiguous tiles).
   std::vector<T> Qg, dOg, Kg, KTg, Vg, VTg, dQg, lse, delta;
   std::vector<index_t> qtok, ktok;
-  // Bias tile and the dS sum of full tile pairs that share one geometry (see window_loop.h).
-  std::vector<T> bias_tiles, dbias_tile;
-  std::vector<char> bias_valid;
-  index_t bias_key[9] = {}, dbias_key[9] = {};
+  // The dS sum of full tile pairs that share one geometry (see window_loop.h).
+  std::vector<T> dbias_tile;
+  index_t dbias_key[9] = {};
   Box dbias_qb{}, dbias_kb{};
   bool dbias_pending = false;
 };

@@ -55,21 +55,6 @@ void gather_rows(const index_t* tok, index_t n, index_t C, const Row& row, const
   }
 }
 
-/// dst[c * ldd + j] = src[j * lds + c] for j < n, c < C: the transposed copy of gathered rows
-/// (K^T and V^T of a key tile, built in L1 instead of transposing the whole tensor).
-template <class T>
-void transpose_rows(const T* src, index_t lds, index_t n, index_t C, T* dst, index_t ldd) {
-  constexpr index_t JB = 8;
-  for (index_t j0 = 0; j0 < n; j0 += JB) {
-    const index_t jn = imin(JB, n - j0);
-    for (index_t c = 0; c < C; ++c) {
-      T* d = dst + c * ldd + j0;
-      const T* s = src + j0 * lds + c;
-      for (index_t j = 0; j < jn; ++j) d[j] = s[j * lds];
-    }
-  }
-}
-
 /// dst[c * ldd + j] = row_ptr[j][c] for j < n8 (n8 a multiple of 8; rows past the real ones
 /// point at zeros), c < C: K^T / V^T of a key tile built straight from the token rows, with
 /// 8x8 register transposes in the avx2 tier (fp32).
@@ -111,6 +96,15 @@ void transpose_ptrs(const T* const* rows, index_t n8, index_t C, T* dst, index_t
   }
 }
 
+
+/// Points rows[j] at the K (or V) row of key token ktok[j] of kv head hk, at `pad` for padding
+/// keys and at zeros for j in [kn, n).
+template <class T>
+void key_row_ptrs(const Operand<T>& op, index_t hk, index_t kbeg, const index_t* ktok,
+                  index_t kn, index_t n, const T* pad, const T* zeros, const T** rows) {
+  for (index_t j = 0; j < kn; ++j) rows[j] = ktok[j] >= 0 ? op.at(hk, kbeg + ktok[j]) : pad;
+  for (index_t j = kn; j < n; ++j) rows[j] = zeros;
+}
 
 /// C[m, W cols] = sc * A B (or without sc): one-vector-wide micro-kernel for the last W
 /// columns of a tile whose width is a multiple of W but not of 2W (gemm.h works in 2W).
@@ -217,8 +211,8 @@ void window_mask_tile(const WindowMask& m, const Box& qb, const Box& kb, int sta
 }
 
 
-/// Geometry of a tile pair that fixes its bias tile when the pair is full: the extents of both
-/// boxes and their offset (bias depends on key - query only).
+/// Geometry of a tile pair that fixes its bias when the pair is full: the extents of both boxes
+/// and their offset (bias depends on key - query only); keys the backward's dS sums.
 inline void tile_key(const Box& qb, const Box& kb, index_t* key) {
   for (int a = 0; a < 3; ++a) {
     key[a] = qb.extent(a);
@@ -232,22 +226,6 @@ inline bool same_key(const index_t* a, const index_t* b) {
   return true;
 }
 
-/// The bias of a full tile pair as a dense [qm, BK] tile (blocked and Swin windows repeat the
-/// same geometry across the whole grid, so it is built once per head and reused).
-template <class T>
-void build_bias_tile(const WindowMask& m, const Box& qb, const Box& kb, const T* bias,
-                     const index_t* R, T* tile, index_t qm) {
-  std::fill(tile, tile + qm * BK, T(0));
-  for_each_window_run(m, qb, kb,
-                      [&](index_t i, const index_t* x, index_t col, index_t a, index_t e,
-                          index_t c0, index_t c1) {
-                        if (e <= a) return;
-                        const T* bp = bias + bias_index(m, R, x, c0, c1, kb.lo[2] + a);
-                        T* row = tile + i * BK + col;
-                        for (index_t j = a; j < e; ++j) row[j] = bp[j - a];
-                      });
-}
-
 /// S += tile over [qm, kn16) (vectorised).
 template <class T>
 void add_tile(T* S, const T* tile, index_t qm, index_t kn16) {
@@ -255,160 +233,6 @@ void add_tile(T* S, const T* tile, index_t qm, index_t kn16) {
   for (index_t i = 0; i < qm; ++i)
     for (index_t j = 0; j < kn16; j += W)
       storev(S + i * BK + j, loadv(S + i * BK + j) + loadv(tile + i * BK + j));
-}
-
-/// window_mask_tile, with the bias of full tiles taken from a per-head cache.
-template <class T, class Scratch>
-void window_mask_tile_cached(const WindowMask& m, const Box& qb, const Box& kb, int state,
-                             const T* bias, const index_t* R, T* S, index_t qm, index_t kn,
-                             index_t kn16, index_t h, index_t H, Scratch& s) {
-  if (!bias || state != kTileFull) {
-    window_mask_tile(m, qb, kb, state, bias, R, S, qm, kn, kn16);
-    return;
-  }
-  index_t key[9];
-  tile_key(qb, kb, key);
-  if (s.bias_valid.empty()) {
-    s.bias_valid.assign(H, 0);
-    s.bias_tiles.resize(H * BQ * BK);
-  }
-  if (!same_key(key, s.bias_key)) {
-    std::fill(s.bias_valid.begin(), s.bias_valid.end(), 0);
-    std::copy(key, key + 9, s.bias_key);
-  }
-  T* tile = s.bias_tiles.data() + h * BQ * BK;
-  if (!s.bias_valid[h]) {
-    build_bias_tile(m, qb, kb, bias, R, tile, qm);
-    s.bias_valid[h] = 1;
-  }
-  add_tile(S, tile, qm, kn16);
-  for (index_t i = 0; i < qm; ++i) std::fill(S + i * BK + kn, S + i * BK + kn16, kNegInf<T>);
-}
-
-/// The outermost axis along which box b has more than one position (2 if none): tokens of b
-/// with that coordinate in a sub-range form one contiguous run of b's row-major order.
-inline int outer_axis(const Box& b) {
-  for (int ax = 0; ax < 3; ++ax)
-    if (b.extent(ax) > 1) return ax;
-  return 2;
-}
-inline index_t inner_size(const Box& b, int ax) {
-  index_t n = 1;
-  for (int a = ax + 1; a < 3; ++a) n *= b.extent(a);
-  return n;
-}
-/// Slab thickness along the outer axis: about `target` tokens per slab, at most `cap`.
-inline index_t slab_units(index_t per_unit, index_t target, index_t cap) {
-  return imax(1, imin(cap / imax(1, per_unit), (target + per_unit / 2) / imax(1, per_unit)));
-}
-
-/// Keys of a query tile are visited in slabs along the tile's outer axis; each slab is seen
-/// by a contiguous sub-range of the tile's rows (windows are monotone), so the rows that
-/// cannot see it are skipped instead of masked: along that axis the work is exact.
-constexpr index_t kKeySlabTarget = 32;
-constexpr index_t kQuerySlabTarget = 48;
-
-template <class T>
-void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
-                     const WindowExtras<T>& x, index_t h, index_t b, index_t qt,
-                     FwdScratch<T>& s) {
-  const index_t hk = h / (p.H / p.Hkv);
-  const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
-  const WindowMask m = WindowMask::make(args, b);
-  const Box qb = m.query_tile(qt);
-  index_t *qtok = s.qtok.data(), *ktok = s.ktok.data();
-  const index_t qm = box_tokens(m, qb, qtok);
-  gather_rows<T>(qtok, qm, p.D, [&](index_t t) { return p.q.at(h, qbeg + t); }, nullptr, 0,
-                 s.Qg.data(), p.Dp);
-  const T* kpad = x.k_pad ? x.k_pad + hk * p.D : nullptr;
-  const T* vpad = x.v_pad ? x.v_pad + hk * p.Dv : nullptr;
-  const T* bias = x.bias ? x.bias + h * x.R[0] * x.R[1] * x.R[2] : nullptr;
-  fwd_init(qm, p.Dvp, s);
-  const Box ku = m.key_union(qb);
-  const int ax = outer_axis(qb);
-  const index_t q_inner = inner_size(qb, ax), k_inner = inner_size(ku, ax);
-  index_t g = slab_units(k_inner, kKeySlabTarget, BK);
-  {
-    index_t lo0, hi0, lo1, hi1;  // every row sees the same keys along ax: one slab
-    m.window(ax, qb.lo[ax], lo0, hi0);
-    m.window(ax, qb.hi[ax] - 1, lo1, hi1);
-    if (lo0 == lo1 && hi0 == hi1) g = imax(1, BK / k_inner);
-  }
-  index_t qlo = qb.lo[ax], qhi = qb.lo[ax];
-  for (index_t c = ku.lo[ax]; c < ku.hi[ax]; c += g) {
-    Box slab = ku;
-    slab.lo[ax] = c;
-    slab.hi[ax] = imin(c + g, ku.hi[ax]);
-    // Rows of the tile whose window meets the slab: [qlo, qhi) along ax (both advance).
-    index_t lo, hi;
-    for (; qlo < qb.hi[ax]; ++qlo) {
-      m.window(ax, qlo, lo, hi);
-      if (hi > slab.lo[ax]) break;
-    }
-    if (qlo == qb.hi[ax]) break;  // cannot happen: the union of monotone windows has no gap
-    qhi = imax(qhi, qlo);
-    while (qhi < qb.hi[ax]) {
-      m.window(ax, qhi, lo, hi);
-      if (lo >= slab.hi[ax]) break;
-      ++qhi;
-    }
-    Box qs = qb;
-    qs.lo[ax] = qlo;
-    qs.hi[ax] = qhi;
-    const index_t i0 = (qlo - qb.lo[ax]) * q_inner, qn = (qhi - qlo) * q_inner;
-    const BoxSplit split = BoxSplit::make(slab, BK);
-    for (index_t t = 0; t < split.count(); ++t) {
-      const Box kb = split.piece(t);
-      const index_t kn = box_tokens(m, kb, ktok);
-      gather_rows<T>(ktok, kn, p.D, [&](index_t j) { return p.k.at(hk, kbeg + j); }, kpad, p.D,
-                     s.Kg.data(), p.Dp);
-      transpose_rows(s.Kg.data(), p.Dp, kn, p.D, s.KTg.data(), BK);
-      gather_rows<T>(ktok, kn, p.Dvp, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad,
-                     p.Dv, s.Vg.data(), p.Dvp);
-      const int state = m.tile(qs, kb);
-      fwd_step(p, s.Qg.data() + i0 * p.Dp, p.Dp, i0, qn, s.KTg.data(), BK, s.Vg.data(), p.Dvp,
-               kn, s, [&](T* S, index_t kn_, index_t kn16) {
-                 window_mask_tile_cached(m, qs, kb, state, bias, x.R, S, qn, kn_, kn16, h, p.H, s);
-               });
-    }
-  }
-  for (index_t i = 0; i < qm; ++i) fwd_write_row(p, s, i, h, qbeg + qtok[i]);
-}
-
-/// Prefetches, for every head, the rows of the tokens of box b in operand x: one tile is
-/// processed for all heads in a row, and the heads of a token are neighbours in memory
-/// ([B, *spatial, H, D]), so the later heads' gathers then hit the cache.
-template <class T>
-void prefetch_box(const WindowMask& m, const Box& b, const Operand<T>& x, index_t base,
-                  index_t heads, index_t C) {
-  for (index_t c0 = b.lo[0]; c0 < b.hi[0]; ++c0)
-    for (index_t c1 = b.lo[1]; c1 < b.hi[1]; ++c1)
-      for (index_t c2 = b.lo[2]; c2 < b.hi[2]; ++c2) {
-        const index_t t = m.token(c0, c1, c2);
-        if (t < 0) continue;
-        for (index_t h = 0; h < heads; ++h) {
-          const char* r = reinterpret_cast<const char*>(x.at(h, base + t));
-          for (index_t o = 0; o < C * index_t(sizeof(T)); o += 64) __builtin_prefetch(r + o);
-        }
-      }
-}
-
-// ---------------------------------------------------------------------------------------
-// Single-block windows: disjoint windows (Swin, blocked NA) of at most BQ tokens. A query tile
-// is one whole window and its keys fit one key block, so a (window, head) pair is one pass
-// (no online softmax), and the mask + bias of a tile, which depends only on the tile's
-// geometry, is a cached dense tile added in the softmax pass.
-
-/// True when every query tile of the window tilers is one whole window of at most BQ tokens
-/// whose key union is one key block (disjoint windows; NA: stride == kernel on every axis).
-inline bool single_block_windows(const WindowMask::Args& a) {
-  if (!disjoint_windows(a)) return false;
-  index_t n = 1;
-  for (int ax = 0; ax < 3; ++ax) {
-    if (a.q_tile[ax] < a.window[ax]) return false;
-    n *= a.window[ax];
-  }
-  return n <= BQ;
 }
 
 /// Everything the mask and bias of a tile pair depend on: per axis the extents, the key box's
@@ -472,7 +296,7 @@ void build_mask_tile(const WindowMask& m, const Box& qb, const Box& kb, const T*
 template <class T, class Flush>
 typename MaskCache<T>::Entry& mask_entry(MaskCache<T>& c, const WindowMask& m, index_t b,
                                          const Box& qb, const Box& kb, index_t qm, index_t kn,
-                                         index_t H, const Flush& flush) {
+                                         index_t H, const Flush& flush, index_t align = 8) {
   tile_signature(m, qb, kb, c.sig);
   for (auto& e : c.entries)
     if (e.sig == c.sig) return e;
@@ -484,7 +308,7 @@ typename MaskCache<T>::Entry& mask_entry(MaskCache<T>& c, const WindowMask& m, i
   e.sig = c.sig;
   e.qm = qm;
   e.kn = kn;
-  e.ld = round_up(kn, 8);
+  e.ld = round_up(kn, align);
   e.seq = b;
   e.qb = qb;
   e.kb = kb;
@@ -502,6 +326,169 @@ const T* mask_tile_of(typename MaskCache<T>::Entry& e, const WindowMask& m, cons
     e.built[h] = 1;
   }
   return t;
+}
+
+/// window_mask_tile through a per-worker cache of dense mask + bias tiles keyed by the tile
+/// pair's signature (MaskCache, as in the single-block path): partial tiles of sliding windows
+/// repeat a few geometries across the grid, so the per-row window runs are walked once per
+/// geometry (and head, with a bias) and each step only adds a cached [qm, kn16] tile.
+template <class T, class Scratch>
+void window_mask_tile_cached(const WindowMask& m, index_t b, const Box& qb, const Box& kb,
+                             int state, const T* bias, const index_t* R, T* S, index_t qm,
+                             index_t kn, index_t kn16, index_t h, index_t H, Scratch& s) {
+  constexpr int W = VecTraits<T>::W;
+  if (state != kTilePartial && !bias) {  // full tile: only the ragged columns
+    for (index_t i = 0; i < qm; ++i) std::fill(S + i * BK + kn, S + i * BK + kn16, kNegInf<T>);
+    return;
+  }
+  auto& e = mask_entry(s.cache, m, b, qb, kb, qm, kn, bias ? H : 1, [](auto&) {}, 16);
+  const T* tile = mask_tile_of<T>(e, m, bias, R, bias ? h : 0);
+  for (index_t i = 0; i < qm; ++i) {
+    T* row = S + i * BK;
+    const T* t = tile + i * e.ld;
+    for (index_t j = 0; j < kn16; j += W) storev(row + j, loadv(row + j) + loadv(t + j));
+  }
+}
+
+/// Scratch of the general (multi-tile) window loops: the tile step's scratch and the cache.
+template <class T>
+struct WinFwdScratch : FwdScratch<T> {
+  MaskCache<T> cache;
+  std::vector<const T*> rows;  // key row pointers of a tile (transpose_ptrs)
+  std::vector<T> zeros;
+};
+template <class T>
+struct WinBwdScratch : BwdScratch<T> {
+  MaskCache<T> cache;
+  std::vector<const T*> rows;
+  std::vector<T> zeros;
+};
+
+/// The outermost axis along which box b has more than one position (2 if none): tokens of b
+/// with that coordinate in a sub-range form one contiguous run of b's row-major order.
+inline int outer_axis(const Box& b) {
+  for (int ax = 0; ax < 3; ++ax)
+    if (b.extent(ax) > 1) return ax;
+  return 2;
+}
+inline index_t inner_size(const Box& b, int ax) {
+  index_t n = 1;
+  for (int a = ax + 1; a < 3; ++a) n *= b.extent(a);
+  return n;
+}
+/// Slab thickness along the outer axis: about `target` tokens per slab, at most `cap`.
+inline index_t slab_units(index_t per_unit, index_t target, index_t cap) {
+  return imax(1, imin(cap / imax(1, per_unit), (target + per_unit / 2) / imax(1, per_unit)));
+}
+
+/// Keys of a query tile are visited in slabs along the tile's outer axis; each slab is seen
+/// by a contiguous sub-range of the tile's rows (windows are monotone), so the rows that
+/// cannot see it are skipped instead of masked: along that axis the work is exact.
+constexpr index_t kKeySlabTarget = 32;
+constexpr index_t kQuerySlabTarget = 28;
+
+template <class T>
+void window_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
+                     const WindowExtras<T>& x, index_t h, index_t b, index_t qt,
+                     WinFwdScratch<T>& s) {
+  const index_t hk = h / (p.H / p.Hkv);
+  const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
+  const WindowMask m = WindowMask::make(args, b);
+  const Box qb = m.query_tile(qt);
+  index_t *qtok = s.qtok.data(), *ktok = s.ktok.data();
+  const index_t qm = box_tokens(m, qb, qtok);
+  gather_rows<T>(qtok, qm, p.D, [&](index_t t) { return p.q.at(h, qbeg + t); }, nullptr, 0,
+                 s.Qg.data(), p.Dp);
+  const T* kpad = x.k_pad ? x.k_pad + hk * p.D : nullptr;
+  const T* vpad = x.v_pad ? x.v_pad + hk * p.Dv : nullptr;
+  const T* bias = x.bias ? x.bias + h * x.R[0] * x.R[1] * x.R[2] : nullptr;
+  fwd_init(qm, p.Dvp, s);
+  const Box ku = m.key_union(qb);
+  const int ax = outer_axis(qb);
+  const index_t q_inner = inner_size(qb, ax), k_inner = inner_size(ku, ax);
+  index_t g = slab_units(k_inner, kKeySlabTarget, BK);
+  {
+    index_t lo0, hi0, lo1, hi1;  // every row sees the same keys along ax: one slab
+    m.window(ax, qb.lo[ax], lo0, hi0);
+    m.window(ax, qb.hi[ax] - 1, lo1, hi1);
+    if (lo0 == lo1 && hi0 == hi1) g = imax(1, BK / k_inner);
+  }
+  index_t qlo = qb.lo[ax], qhi = qb.lo[ax];
+  for (index_t c = ku.lo[ax]; c < ku.hi[ax]; c += g) {
+    Box slab = ku;
+    slab.lo[ax] = c;
+    slab.hi[ax] = imin(c + g, ku.hi[ax]);
+    // Rows of the tile whose window meets the slab: [qlo, qhi) along ax (both advance).
+    index_t lo, hi;
+    for (; qlo < qb.hi[ax]; ++qlo) {
+      m.window(ax, qlo, lo, hi);
+      if (hi > slab.lo[ax]) break;
+    }
+    if (qlo == qb.hi[ax]) break;  // cannot happen: the union of monotone windows has no gap
+    qhi = imax(qhi, qlo);
+    while (qhi < qb.hi[ax]) {
+      m.window(ax, qhi, lo, hi);
+      if (lo >= slab.hi[ax]) break;
+      ++qhi;
+    }
+    Box qs = qb;
+    qs.lo[ax] = qlo;
+    qs.hi[ax] = qhi;
+    const index_t i0 = (qlo - qb.lo[ax]) * q_inner, qn = (qhi - qlo) * q_inner;
+    const BoxSplit split = BoxSplit::make(slab, BK);
+    for (index_t t = 0; t < split.count(); ++t) {
+      const Box kb = split.piece(t);
+      const index_t kn = box_tokens(m, kb, ktok);
+      // K^T straight from the token rows (8x8 register transposes; no row gather).
+      key_row_ptrs(p.k, hk, kbeg, ktok, kn, round_up(kn, 8), kpad ? kpad : s.zeros.data(),
+                   s.zeros.data(), s.rows.data());
+      transpose_ptrs(s.rows.data(), round_up(kn, 8), p.D, s.KTg.data(), BK);
+      gather_rows<T>(ktok, kn, p.Dvp, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad,
+                     p.Dv, s.Vg.data(), p.Dvp);
+      const int state = m.tile(qs, kb);
+      fwd_step(p, s.Qg.data() + i0 * p.Dp, p.Dp, i0, qn, s.KTg.data(), BK, s.Vg.data(), p.Dvp,
+               kn, s, [&](T* S, index_t kn_, index_t kn16) {
+                 window_mask_tile_cached(m, b, qs, kb, state, bias, x.R, S, qn, kn_, kn16, h, p.H, s);
+               });
+    }
+  }
+  for (index_t i = 0; i < qm; ++i) fwd_write_row(p, s, i, h, qbeg + qtok[i]);
+}
+
+/// Prefetches, for every head, the rows of the tokens of box b in operand x: one tile is
+/// processed for all heads in a row, and the heads of a token are neighbours in memory
+/// ([B, *spatial, H, D]), so the later heads' gathers then hit the cache.
+template <class T>
+void prefetch_box(const WindowMask& m, const Box& b, const Operand<T>& x, index_t base,
+                  index_t heads, index_t C) {
+  for (index_t c0 = b.lo[0]; c0 < b.hi[0]; ++c0)
+    for (index_t c1 = b.lo[1]; c1 < b.hi[1]; ++c1)
+      for (index_t c2 = b.lo[2]; c2 < b.hi[2]; ++c2) {
+        const index_t t = m.token(c0, c1, c2);
+        if (t < 0) continue;
+        for (index_t h = 0; h < heads; ++h) {
+          const char* r = reinterpret_cast<const char*>(x.at(h, base + t));
+          for (index_t o = 0; o < C * index_t(sizeof(T)); o += 64) __builtin_prefetch(r + o);
+        }
+      }
+}
+
+// ---------------------------------------------------------------------------------------
+// Single-block windows: disjoint windows (Swin, blocked NA) of at most BQ tokens. A query tile
+// is one whole window and its keys fit one key block, so a (window, head) pair is one pass
+// (no online softmax), and the mask + bias of a tile, which depends only on the tile's
+// geometry, is a cached dense tile added in the softmax pass.
+
+/// True when every query tile of the window tilers is one whole window of at most BQ tokens
+/// whose key union is one key block (disjoint windows; NA: stride == kernel on every axis).
+inline bool single_block_windows(const WindowMask::Args& a) {
+  if (!disjoint_windows(a)) return false;
+  index_t n = 1;
+  for (int ax = 0; ax < 3; ++ax) {
+    if (a.q_tile[ax] < a.window[ax]) return false;
+    n *= a.window[ax];
+  }
+  return n <= BQ;
 }
 
 /// C block [MR, NV * W] of A * B handed to epi(acc) instead of being stored: the single-block
@@ -734,14 +721,6 @@ inline void window_tokens(const WindowMask::Args& args, index_t nb, index_t nq, 
   kn = box_tokens(m, m.key_union(qb), nktok);
 }
 
-/// Points rows[j] at the K (or V) row of key token ktok[j] of kv head hk, at `pad` for padding
-/// keys and at zeros for j in [kn, n).
-template <class T>
-void key_row_ptrs(const Operand<T>& op, index_t hk, index_t kbeg, const index_t* ktok,
-                  index_t kn, index_t n, const T* pad, const T* zeros, const T** rows) {
-  for (index_t j = 0; j < kn; ++j) rows[j] = ktok[j] >= 0 ? op.at(hk, kbeg + ktok[j]) : pad;
-  for (index_t j = kn; j < n; ++j) rows[j] = zeros;
-}
 
 /// Softmax of one single-block logits tile in place: S += tile (mask + bias), P = exp2(S -
 /// rowmax); l = row sums, mx = row maxima (-inf and l = 0 for rows without a visible key).
@@ -947,9 +926,10 @@ void window_fwd(const AttentionParams<T>& p, const WindowMask::Args& args,
   for (index_t b = 0; b < p.B; ++b)
     tile_start[b + 1] = tile_start[b] + WindowMask::make(args, b).num_query_tiles();
   const index_t tiles = tile_start[p.B];
-  const FwdScratch<T> proto = fwd_scratch(p, true);
+  const WinFwdScratch<T> proto{fwd_scratch(p, true), {}, std::vector<const T*>(BK),
+                                 std::vector<T>(imax(p.Dp, p.Dvp), T(0))};
   // An item is one query tile for all heads (see prefetch_box).
-  for_each_item(r, tiles, proto, [&](index_t t, FwdScratch<T>& s) {
+  for_each_item(r, tiles, proto, [&](index_t t, WinFwdScratch<T>& s) {
     index_t b = 0;
     while (tile_start[b + 1] <= t) ++b;
     const WindowMask m = WindowMask::make(args, b);
@@ -980,7 +960,7 @@ void flush_dbias(const WindowMask& m, BwdScratch<T>& s, const index_t* R, T* dbi
 template <class T>
 void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
                      const WindowExtras<T>& x, index_t h, index_t b, index_t chunk, index_t item,
-                     BwdScratch<T>& s) {
+                     WinBwdScratch<T>& s) {
   const index_t hk = h / (p.H / p.Hkv);
   const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
   const WindowMask m = WindowMask::make(args, b);
@@ -993,21 +973,48 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
   T* dbias = x.dbias ? x.dbias + item * Rn : nullptr;
   T* dkpad = x.dk_pad ? x.dk_pad + item * p.D : nullptr;
   T* dvpad = x.dv_pad ? x.dv_pad + item * p.Dv : nullptr;
-  T* dQ = p.dq + ((chunk * p.H + h) * p.Tq + qbeg) * p.Dp;
+  // Token-major results (p.grads_token_major): dQ rows of head h are accumulated, scaled, into
+  // the caller's [Tq, H, D] output (zeroed here: the item owns them), dK / dV rows stored.
+  const bool tok = p.grads_token_major;
+  const index_t lddq = tok ? p.H * p.D : p.Dp;
+  T* dQ = tok ? p.dq + qbeg * lddq + h * p.D : p.dq + ((chunk * p.H + h) * p.Tq + qbeg) * p.Dp;
   T *dK = s.dK.data(), *dV = s.dV.data(), *lse2 = s.lse.data(), *delta = s.delta.data();
   index_t *qtok = s.qtok.data(), *ktok = s.ktok.data();
+  auto dk_row = [&](index_t t) {  // t: sequence-local key token
+    return tok ? p.dk + ((kbeg + t) * p.H + h) * p.D : p.dk + (h * p.Tk + kbeg + t) * p.Dp;
+  };
+  auto dv_row = [&](index_t t) {
+    return tok ? p.dv + ((kbeg + t) * p.H + h) * p.Dv : p.dv + (h * p.Tk + kbeg + t) * p.Dvp;
+  };
+  if (tok)
+    for (index_t i = 0, n = p.cu_q[b + 1] - qbeg; i < n; ++i)
+      std::fill(dQ + i * lddq, dQ + i * lddq + p.D, T(0));
 
   for (index_t kt = kt_begin; kt < kt_end; ++kt) {
     const Box kb = m.key_tile(kt);
     Box qu;
-    if (!m.query_union(kb, qu)) continue;  // keys nobody sees: gradients stay 0
+    if (!m.query_union(kb, qu)) {  // keys nobody sees: zero gradients
+      if (tok) {
+        const index_t kn = box_tokens(m, kb, ktok);
+        for (index_t c = 0; c < kn; ++c) {
+          if (ktok[c] < 0) continue;
+          std::fill(dk_row(ktok[c]), dk_row(ktok[c]) + p.D, T(0));
+          std::fill(dv_row(ktok[c]), dv_row(ktok[c]) + p.Dv, T(0));
+        }
+      }
+      continue;
+    }
     const index_t kn = box_tokens(m, kb, ktok);
     gather_rows<T>(ktok, kn, p.Dp, [&](index_t j) { return p.k.at(hk, kbeg + j); }, kpad, p.D,
                    s.Kg.data(), p.Dp);
-    transpose_rows(s.Kg.data(), p.Dp, kn, p.D, s.KTg.data(), BK);
-    gather_rows<T>(ktok, kn, p.Dv, [&](index_t j) { return p.v.at(hk, kbeg + j); }, vpad, p.Dv,
-                   s.Vg.data(), p.Dvp);
-    transpose_rows(s.Vg.data(), p.Dvp, kn, p.Dv, s.VTg.data(), BK);
+    // K^T from the gathered rows and V^T straight from the token rows (8x8 register
+    // transposes; V itself is not needed row-major here).
+    const index_t kn8 = round_up(kn, 8);
+    for (index_t j = 0; j < kn8; ++j) s.rows[j] = j < kn ? s.Kg.data() + j * p.Dp : s.zeros.data();
+    transpose_ptrs(s.rows.data(), kn8, p.D, s.KTg.data(), BK);
+    key_row_ptrs(p.v, hk, kbeg, ktok, kn, kn8, vpad ? vpad : s.zeros.data(), s.zeros.data(),
+                 s.rows.data());
+    transpose_ptrs(s.rows.data(), kn8, p.Dv, s.VTg.data(), BK);
     std::fill(dK, dK + kn * p.Dp, T(0));
     std::fill(dV, dV + kn * p.Dvp, T(0));
     // Query slabs along the key tile's outer axis; each sees a contiguous sub-range of the
@@ -1053,7 +1060,7 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
             s.VTg.data() + j0, BK, s.Kg.data() + j0 * p.Dp, p.Dp, kcn, dK + j0 * p.Dp,
             dV + j0 * p.Dvp, s.dQg.data(), p.Dp, s,
             [&](T* S, index_t kn_, index_t kn16) {
-              window_mask_tile_cached(m, qb, kc, state, bias, x.R, S, qm, kn_, kn16, h, p.H, s);
+              window_mask_tile_cached(m, b, qb, kc, state, bias, x.R, S, qm, kn_, kn16, h, p.H, s);
             },
             [&](const T* dS) {
               if (!dbias) return;
@@ -1081,9 +1088,12 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
                                   });
             });
         for (index_t i = 0; i < qm; ++i) {
-          T* dst = dQ + qtok[i] * p.Dp;
+          T* dst = dQ + qtok[i] * lddq;
           const T* src = s.dQg.data() + i * p.Dp;
-          for (index_t c = 0; c < p.D; ++c) dst[c] += src[c];
+          if (tok)
+            for (index_t c = 0; c < p.D; ++c) dst[c] += src[c] * p.scale;
+          else
+            for (index_t c = 0; c < p.D; ++c) dst[c] += src[c];
         }
       }
     }
@@ -1091,8 +1101,8 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
       const T* dk = dK + c * p.Dp;
       const T* dv = dV + c * p.Dvp;
       if (ktok[c] >= 0) {
-        T* dKo = p.dk + (h * p.Tk + kbeg + ktok[c]) * p.Dp;
-        T* dVo = p.dv + (h * p.Tk + kbeg + ktok[c]) * p.Dvp;
+        T* dKo = dk_row(ktok[c]);
+        T* dVo = dv_row(ktok[c]);
         for (index_t d = 0; d < p.D; ++d) dKo[d] = dk[d] * p.scale;
         std::copy(dv, dv + p.Dv, dVo);
       } else {
@@ -1109,9 +1119,10 @@ void window_bwd_item(const AttentionParams<T>& p, const WindowMask::Args& args,
 template <class T>
 void window_bwd(const AttentionParams<T>& p, const WindowMask::Args& args,
                 const WindowExtras<T>& x, const ParallelRunner& r) {
-  const BwdScratch<T> proto = bwd_scratch(p, true);
+  const WinBwdScratch<T> proto{bwd_scratch(p, true), {}, std::vector<const T*>(BK),
+                                 std::vector<T>(imax(p.Dp, p.Dvp), T(0))};
   const index_t per_head = p.B * p.n_kv_chunks;
-  for_each_item(r, p.H * per_head, proto, [&](index_t it, BwdScratch<T>& s) {
+  for_each_item(r, p.H * per_head, proto, [&](index_t it, WinBwdScratch<T>& s) {
     const index_t h = it / per_head, rest = it % per_head;
     window_bwd_item(p, args, x, h, rest / p.n_kv_chunks, rest % p.n_kv_chunks, it, s);
   });
