@@ -123,7 +123,7 @@ def test_all_zero_activation_row(cpu_isa):
 
 @pytest.mark.parametrize("M", [1, 6, 20])  # 20: the packed-panel kernel (M >= 16)
 def test_outlier_routing(M, cpu_isa):
-    K, N, thr = 300, 24, 6.0
+    K, N, thr = 300, 30, 6.0  # N = 30: a full and a partial 8-column group per panel
     x = torch.randn(M, K)
     cols = [5, 77, 299]
     x[0, cols] = torch.tensor([9.0, -7.5, 6.0])  # 6.0 counts (>= threshold)

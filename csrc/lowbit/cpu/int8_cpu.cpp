@@ -64,9 +64,10 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
 
   // LLM.int8(): columns with any |x| >= threshold leave the int8 product; their contribution
   // x_o . q_o^T (weights dequantised from int8, as bitsandbytes) is added in the epilogue.
-  // Few outlier products on the row-streaming kernel path (M < kInt8PanelMinM) are added by
-  // its epilogue from the weight rows it streams; otherwise they go through one fp32 GEMM on
-  // the gathered columns, which the packed-panel epilogue adds 8 columns at a time.
+  // Few outlier products (M * n_out <= 256) are added by the kernel epilogue from the weight
+  // rows it streams or packs (no gather over a cold weight); more, or any on the packed-panel
+  // path with many rows, go through one fp32 GEMM on the gathered columns, which the
+  // epilogue adds 8 columns at a time.
   const bool avx2 = cpu::current_isa() == Isa::kAvx2;
   const bool panels = avx2 && M >= cpu::kInt8PanelMinM;
   at::Tensor mask, extra, cols, xo;
@@ -84,7 +85,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
     cols = mask.nonzero().view(-1).contiguous();
     if (cols.numel() > 0) {
       xo = x2.index_select(1, cols).contiguous();
-      if (panels || M * cols.numel() > 256) {
+      if (M * cols.numel() > 256 || (panels && M > cpu::kInt8PanelSmallM)) {
         at::Tensor wo = qw.index_select(1, cols).to(at::kFloat);
         extra = at::mm(xo, wo.t()).contiguous();
         xo = at::Tensor();

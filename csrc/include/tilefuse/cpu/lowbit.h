@@ -40,6 +40,9 @@ struct Int8GemmParams {
 
 /// Rows from which the AVX2 int8 GEMM packs weight panels (below, it streams weight rows).
 constexpr index_t kInt8PanelMinM = 16;
+/// Up to this many rows, panels are packed one at a time over the whole K (and the epilogue
+/// can take LLM.int8() outlier weights from them, `out_cols`); beyond, per K slice.
+constexpr index_t kInt8PanelSmallM = 128;
 
 /// \brief One row range of int8 rowwise quantisation: scale[r] = absmax / 127 over the entries
 /// with |x| < threshold (all when threshold <= 0), q = round_half_even(x * 127 / absmax);

@@ -10,6 +10,7 @@
 // hence the sign transfer, which costs one extra instruction per 32 products.)
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "tilefuse/cpu/lowbit.h"
 
@@ -137,7 +138,6 @@ constexpr index_t kPanelKC = 512;  // few rows: k per pass, a 12 KiB panel slice
 // 2048, one thread, 2 x 32 tiles: (KC, MC) = (512, 128) 128-132 GOP/s, (1024, 64) 132-146,
 // (2048, 32) 120-151 (noisy machine).
 constexpr index_t kPanelBigKC = 2048, kPanelBigMC = 32;
-constexpr index_t kPanelSmallM = 128;  // up to this many rows, panels are packed one at a time
 
 inline __m256i bcast4(const uint8_t* p) {
   int32_t v;
@@ -232,10 +232,11 @@ inline void panel_micro(const uint8_t* ua, const uint8_t* ng, index_t lda, const
 
 /// Final values of row m, columns [n0, n0 + nv): exact int32 (lanes + neg_sum), then the
 /// scale, outlier and bias terms in the scalar epilogue's order; 8 columns per vector except
-/// for a panel's last partial vector and the per-element outlier form (n_out > 0; the adapter
-/// passes `extra` instead on this path).
+/// for a panel's last partial vector. Few outlier columns (n_out > 0) come with `wo`, the
+/// panel's outlier weights [n_out][kPanelN] taken while packing (without it, the scalar
+/// epilogue reads them from the weight rows).
 inline void panel_epilogue(const Int8GemmParams& p, index_t m, index_t n0, index_t nv,
-                           const __m256i (&acc)[kPanelV]) {
+                           const __m256i (&acc)[kPanelV], const float* wo) {
   const __m256i ns = _mm256_set1_epi32(p.neg_sum[m]);
   const __m256 as = _mm256_set1_ps(p.a_scale[m]);
   float* out = p.out + m * p.N;
@@ -243,10 +244,17 @@ inline void panel_epilogue(const Int8GemmParams& p, index_t m, index_t n0, index
   for (int j = 0; j < kPanelV && 8 * j < nv; ++j) {
     const index_t c0 = n0 + 8 * j;
     const __m256i a = _mm256_add_epi32(acc[j], ns);
-    if (p.n_out == 0 && nv - 8 * j >= 8) {
+    if ((p.n_out == 0 || wo != nullptr) && nv - 8 * j >= 8) {
       const __m256 ws = _mm256_loadu_ps(p.w_scale + c0);
       __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(as, ws));
       if (extra != nullptr) v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_loadu_ps(extra + c0), ws));
+      if (p.n_out > 0) {
+        __m256 e = _mm256_setzero_ps();
+        for (index_t t = 0; t < p.n_out; ++t)
+          e = _mm256_fmadd_ps(_mm256_set1_ps(p.x_out[m * p.n_out + t]),
+                              _mm256_loadu_ps(wo + t * kPanelN + 8 * j), e);
+        v = _mm256_add_ps(v, _mm256_mul_ps(e, ws));
+      }
       if (p.bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + c0));
       _mm256_storeu_ps(out + c0, v);
     } else {
@@ -260,7 +268,8 @@ inline void panel_epilogue(const Int8GemmParams& p, index_t m, index_t n0, index
 /// Partial sums of a K slice live in the output rows themselves (as int32) until the last slice.
 template <int MR>
 void panel_rows(const Int8GemmParams& p, index_t m, index_t n0, index_t nv, index_t kc,
-                index_t steps, const uint8_t* panel, bool first, bool last) {
+                index_t steps, const uint8_t* panel, bool first, bool last,
+                const float* wo = nullptr) {
   __m256i acc[MR][kPanelV];
   for (int i = 0; i < MR; ++i) {
     int32_t* c = reinterpret_cast<int32_t*>(p.out + (m + i) * p.N + n0);
@@ -279,7 +288,7 @@ void panel_rows(const Int8GemmParams& p, index_t m, index_t n0, index_t nv, inde
   panel_micro<MR>(p.a_abs + m * p.lda + kc, p.a_neg + m * p.lda + kc, p.lda, panel, steps, acc);
   for (int i = 0; i < MR; ++i) {
     if (last) {
-      panel_epilogue(p, m + i, n0, nv, acc[i]);
+      panel_epilogue(p, m + i, n0, nv, acc[i], wo);
       continue;
     }
     int32_t* c = reinterpret_cast<int32_t*>(p.out + (m + i) * p.N + n0);
@@ -297,9 +306,10 @@ void panel_rows(const Int8GemmParams& p, index_t m, index_t n0, index_t nv, inde
 
 /// Rows [m, m1) (fewer than kRowTile) of one panel.
 void tail_rows(const Int8GemmParams& p, index_t m, index_t m1, index_t n0, index_t nv,
-               index_t kc, index_t kl, const uint8_t* panel, bool first, bool last) {
-  for (; m + 2 <= m1; m += 2) panel_rows<2>(p, m, n0, nv, kc, kl / 4, panel, first, last);
-  if (m < m1) panel_rows<1>(p, m, n0, nv, kc, kl / 4, panel, first, last);
+               index_t kc, index_t kl, const uint8_t* panel, bool first, bool last,
+               const float* wo = nullptr) {
+  for (; m + 2 <= m1; m += 2) panel_rows<2>(p, m, n0, nv, kc, kl / 4, panel, first, last, wo);
+  if (m < m1) panel_rows<1>(p, m, n0, nv, kc, kl / 4, panel, first, last, wo);
 }
 
 /// False (nothing written) when the panel buffer cannot be allocated; the caller then runs
@@ -315,7 +325,7 @@ bool int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
       panel_rows<kRowTile>(p, m, n0, nv, kc, kl / 4, panel, first, last);
     if (m < m1) tail_rows(p, m, m1, n0, nv, kc, kl, panel, first, last);
   };
-  if (p.M <= kPanelSmallM) {
+  if (p.M <= kInt8PanelSmallM) {
     // Few rows: each panel is packed over the whole K (long row reads the prefetcher follows,
     // 96 KiB at K = 4096, in L2), then every row tile runs over it one L1-sized K slice at a
     // time. (Packing K slices of all panels instead reads 512-byte pieces of 32 rows at once,
@@ -324,6 +334,9 @@ bool int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
     // DRAM (cold weights, M = 32: packing was ~30 % of the time without this).
     uint8_t* buf = static_cast<uint8_t*>(std::aligned_alloc(64, Kp4 * kPanelN));
     if (buf == nullptr) return false;
+    // Few LLM.int8() outlier columns: their weights, per panel, read while the rows are hot.
+    std::vector<float> wo_buf(p.n_out * kPanelN);
+    float* wo = p.n_out > 0 ? wo_buf.data() : nullptr;
     const index_t line_per_row = (p.K + 63) / 64;
     const index_t ticks = ((Kp4 + kPanelKC - 1) / kPanelKC) * ((p.M + kRowTile - 1) / kRowTile);
     const index_t per_tick = (kPanelN * line_per_row + ticks - 1) / ticks;
@@ -332,15 +345,19 @@ bool int8_gemm_panels(const Int8GemmParams& p, index_t n_begin, index_t n_end) {
       const index_t nn = imin(kPanelN, imax(0, n_end - n0 - kPanelN));  // rows of the next panel
       index_t line = 0;
       pack_panel(p, n0, nv, 0, Kp4, buf);
+      for (index_t t = 0; t < p.n_out; ++t)
+        for (index_t r = 0; r < kPanelN; ++r)
+          wo[t * kPanelN + r] =
+              r < nv ? static_cast<float>(p.w[(n0 + r) * p.K + p.out_cols[t]]) : 0.0f;
       for (index_t kc = 0; kc < Kp4; kc += kPanelKC) {
         const index_t kl = imin(kPanelKC, Kp4 - kc);
         const bool first = kc == 0, last = kc + kl >= Kp4;
         for (index_t m = 0; m < p.M; m += kRowTile) {
           const uint8_t* slice = buf + kc * kPanelN;
           if (m + kRowTile <= p.M)
-            panel_rows<kRowTile>(p, m, n0, nv, kc, kl / 4, slice, first, last);
+            panel_rows<kRowTile>(p, m, n0, nv, kc, kl / 4, slice, first, last, wo);
           else
-            tail_rows(p, m, p.M, n0, nv, kc, kl, slice, first, last);
+            tail_rows(p, m, p.M, n0, nv, kc, kl, slice, first, last, wo);
           for (index_t t = 0; t < per_tick && line < nn * line_per_row; ++t, ++line) {
             const int8_t* r = p.w + (n0 + kPanelN + line / line_per_row) * p.K;
             _mm_prefetch(reinterpret_cast<const char*>(r + (line % line_per_row) * 64),
