@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "aten_utils.h"
@@ -79,6 +80,13 @@ WindowInputs<T> window_inputs(const WinShapes& s, const std::optional<at::Tensor
   return in;
 }
 
+/// TILEFUSE_NA_LANES=0 turns the lane-vectorised sliding NA forward off (A/B runs, and the
+/// tests that cross-check it against the tile loop).
+bool lanes_enabled() {
+  const char* e = std::getenv("TILEFUSE_NA_LANES");
+  return !(e && e[0] == '0');
+}
+
 template <class T>
 void run_fwd_kernel(const AttentionParams<T>& p, const WindowMask::Args& a,
                     const WindowExtras<T>& x) {
@@ -103,16 +111,23 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const WinShapes& s, const at::Tensor
   AttentionParams<T> p =
       sequence_params<T>(s.cu, s.cu, s.H, s.Hkv, s.B * s.N, s.B * s.N, s.D, s.Dv, scale);
   std::vector<at::Tensor> keep;
+  // Sliding NA with the queries in vector lanes reads token rows only (no padded V).
+  const bool lanes = lanes_enabled() && cpu::na_lanes_applies(s.args);
   p.q = make_operand<T>(to_tokens(s, q), p.Dp, false, keep);
   // Key tiles are gathered by rows and transposed inside the kernel (no K^T pass here).
   p.k = make_operand<T>(to_tokens(s, k), p.Dp, false, keep);
-  p.v = make_operand<T>(to_tokens(s, v), p.Dvp, true, keep);
+  p.v = make_operand<T>(to_tokens(s, v), p.Dvp, !lanes, keep);
   at::Tensor out_t = at::empty({p.Tq, s.H, s.Dv}, q.options().dtype(ct));
   at::Tensor lse_t = at::empty({p.Tq, s.H}, q.options().dtype(ct));
   p.o = out_t.mutable_data_ptr<T>();
   p.lse = lse_t.mutable_data_ptr<T>();
   const WindowInputs<T> in = window_inputs<T>(s, rpb, k_pad, v_pad, ct);
-  run_fwd_kernel(p, s.args, in.x);
+  if (lanes) {
+    cpu::current_isa() == cpu::Isa::kAvx2 ? cpu::avx2::na_fwd_lanes(p, s.args, in.x, aten_runner())
+                                          : cpu::generic::na_fwd_lanes(p, s.args, in.x, aten_runner());
+  } else {
+    run_fwd_kernel(p, s.args, in.x);
+  }
   std::vector<int64_t> out_shape = q.sizes().vec();
   out_shape.back() = s.Dv;
   at::Tensor out = from_tokens(s, out_t, out_shape);

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// The direct backward of disjoint windows (cpu/window_loop.h, window_bwd_direct): when it
-// applies, and its entry points, one per ISA tier (instantiated in window_kernel.cpp).
+// The direct backward of disjoint windows (cpu/window_loop.h, window_bwd_direct) and the
+// lane-vectorised sliding NA forward (cpu/na_lanes.h): when they apply, and their entry
+// points, one per ISA tier (instantiated in window_kernel.cpp).
 // Torch-free; included by the CPU adapter and the kernel file.
 #pragma once
 #include "tilefuse/attention/params.h"
@@ -31,11 +32,21 @@ inline bool window_bwd_direct_applies(const WindowMask::Args& a, index_t groups)
   return true;
 }
 
+/// True when the forward runs with the queries in vector lanes (cpu/na_lanes.h): sliding
+/// neighborhood attention with stride 1 on the innermost axis (any kernel, dilation, causal
+/// flags, and stride on the outer axes). Blocked windows keep the single-block path.
+inline bool na_lanes_applies(const WindowMask::Args& a) {
+  return a.kind == WindowMask::kNeighborhood && a.stride[2] == 1 && !disjoint_windows(a);
+}
+
 #define TF_DECLARE_WINDOW_DIRECT(ns)                                                        \
   namespace ns {                                                                          \
   template <class T>                                                                      \
   void window_bwd_direct(const AttentionParams<T>& p, const WindowMask::Args& m,           \
                          const WindowExtras<T>& x, index_t n_chunks, const ParallelRunner& r); \
+  template <class T>                                                                      \
+  void na_fwd_lanes(const AttentionParams<T>& p, const WindowMask::Args& m,                \
+                    const WindowExtras<T>& x, const ParallelRunner& r);                   \
   }
 TF_DECLARE_WINDOW_DIRECT(generic)
 TF_DECLARE_WINDOW_DIRECT(avx2)

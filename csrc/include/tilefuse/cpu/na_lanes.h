@@ -1,0 +1,321 @@
+// SPDX-License-Identifier: Apache-2.0
+// Driver 3 of the window policy: the forward of sliding neighborhood attention with the
+// queries in vector lanes (stride 1 on the innermost axis). Included by the ISA-tier kernel
+// files only.
+//
+// With stride 1, the window of query x on the innermost axis starts at start(x) = x - k/2
+// away from the borders, so for W consecutive queries x0 .. x0+W-1 ("a block") and window
+// offset j the keys are the W consecutive keys start(x0) + j .. + W-1. With Q, K and V
+// transposed per row ([D][x]: one vector holds one feature of W consecutive tokens),
+//   S[j] (lanes) = sum_d Q^T[d][x0 ..] * K^T[d][start(x0) + j ..]      (one FMA per d, j)
+//   O^T[d] (lanes) = sum_j P[j] * V^T[d][start(x0) + j ..]
+// every computed score is a real (query, key) pair of the window: no union of windows, no
+// masked columns. Outer axes are loops over the key rows of the query row's window (any
+// kernel, causal or stride there). Blocks at the borders, where start() is clamped or
+// the window is causal-truncated, read their keys from a per-row gathered copy
+// [k][D][W] instead of shifted vectors ("irregular" blocks); padding lanes past the row
+// repeat its last query and are not stored.
+// Work items are (sequence, head, outer coordinate, chunk of rows, chunk of columns); each
+// transposes the key rows of its chunk's windows once (a key row serves up to k1 query rows).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "tilefuse/cpu/window_loop.h"
+
+namespace tilefuse::cpu::TF_ISA_NS {
+namespace attn_detail {
+
+template <class T>
+struct LanesScratch {
+  std::vector<T> kr, vr;          // ring of key rows: [slot][D | Dv][wc] (K^T, V^T of the chunk)
+  std::vector<index_t> slot_row;  // key row (kz * n1 + ky) held by each slot, -1 if none
+  std::vector<T> qt;              // [D][W]: Q^T of the current block
+  std::vector<T> s;               // [keys][W]: logits, then probabilities, of one block
+  std::vector<T> ob;              // [Dv][W]: output of one block
+  std::vector<T> zeros;           // one zero row (transpose padding)
+  std::vector<const T*> rows;     // row pointers for the transposes
+  std::vector<unsigned char> mask;  // [nj][W]: 1 where a real lane does not see the key
+  std::vector<const T*> kb, vb;     // per key row of the current query row: its ring slot
+  std::vector<index_t> krel;        // per key row: bias row offset
+  std::vector<const char*> pf;      // cache lines to prefetch for the next query row
+};
+
+template <class T>
+inline T* align64(T* p) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
+/// S[jj][W] = c2 * sum_d Q^T[d] * K(j0 + jj)[d] for NJ window offsets; K(j)[d] at
+/// kb + j * js + d * ds (shifted K^T rows, or a gathered block).
+template <class T, int NJ>
+inline void lanes_qk(index_t D, const T* q, index_t ldq, const T* kb, index_t ds, index_t js,
+                     T* s, T c2) {
+  constexpr int W = VecTraits<T>::W;
+  vec_t<T> acc[NJ];
+#pragma GCC unroll 8
+  for (int j = 0; j < NJ; ++j) acc[j] = vec_t<T>{};
+  for (index_t d = 0; d < D; ++d) {
+    const vec_t<T> qv = loadv(q + d * ldq);
+    const T* kp = kb + d * ds;
+#pragma GCC unroll 8
+    for (int j = 0; j < NJ; ++j) acc[j] += qv * loadv(kp + j * js);
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NJ; ++j) storev(s + j * W, acc[j] * c2);
+}
+
+template <class T>
+inline void lanes_qk_any(index_t nj, index_t D, const T* q, index_t ldq, const T* kb, index_t ds,
+                         index_t js, T* s, T c2) {
+  constexpr int W = VecTraits<T>::W;
+  index_t j = 0;
+  for (; j + 8 <= nj; j += 8) lanes_qk<T, 8>(D, q, ldq, kb + j * js, ds, js, s + j * W, c2);
+  const T* kp = kb + j * js;
+  T* sp = s + j * W;
+  switch (nj - j) {
+    case 1: lanes_qk<T, 1>(D, q, ldq, kp, ds, js, sp, c2); break;
+    case 2: lanes_qk<T, 2>(D, q, ldq, kp, ds, js, sp, c2); break;
+    case 3: lanes_qk<T, 3>(D, q, ldq, kp, ds, js, sp, c2); break;
+    case 4: lanes_qk<T, 4>(D, q, ldq, kp, ds, js, sp, c2); break;
+    case 5: lanes_qk<T, 5>(D, q, ldq, kp, ds, js, sp, c2); break;
+    case 6: lanes_qk<T, 6>(D, q, ldq, kp, ds, js, sp, c2); break;
+    case 7: lanes_qk<T, 7>(D, q, ldq, kp, ds, js, sp, c2); break;
+    default: break;
+  }
+}
+
+/// O^T[d0 + dd] = inv * sum over key rows t and offsets j of P[t][j] * V(t, j)[d0 + dd] for
+/// NB features; V(t, j)[d] at vb[t] + j * js + d * ds.
+template <class T, int NB>
+inline void lanes_pv(index_t nr, index_t nj, const T* s, const T* const* vb, index_t ds,
+                     index_t js, index_t d0, vec_t<T> inv, T* ob) {
+  constexpr int W = VecTraits<T>::W;
+  vec_t<T> acc[NB];
+#pragma GCC unroll 8
+  for (int i = 0; i < NB; ++i) acc[i] = vec_t<T>{};
+  for (index_t t = 0; t < nr; ++t) {
+    const T* vrow = vb[t] + d0 * ds;
+    const T* sp = s + t * nj * W;
+    for (index_t j = 0; j < nj; ++j) {
+      const vec_t<T> pv = loadv(sp + j * W);
+      const T* vp = vrow + j * js;
+#pragma GCC unroll 8
+      for (int i = 0; i < NB; ++i) acc[i] += pv * loadv(vp + i * ds);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NB; ++i) storev(ob + (d0 + i) * W, acc[i] * inv);
+}
+
+template <class T>
+inline void lanes_pv_any(index_t Dv, index_t nr, index_t nj, const T* s, const T* const* vb,
+                         index_t ds, index_t js, vec_t<T> inv, T* ob) {
+  index_t d = 0;
+  for (; d + 8 <= Dv; d += 8) lanes_pv<T, 8>(nr, nj, s, vb, ds, js, d, inv, ob);
+  switch (Dv - d) {
+    case 1: lanes_pv<T, 1>(nr, nj, s, vb, ds, js, d, inv, ob); break;
+    case 2: lanes_pv<T, 2>(nr, nj, s, vb, ds, js, d, inv, ob); break;
+    case 3: lanes_pv<T, 3>(nr, nj, s, vb, ds, js, d, inv, ob); break;
+    case 4: lanes_pv<T, 4>(nr, nj, s, vb, ds, js, d, inv, ob); break;
+    case 5: lanes_pv<T, 5>(nr, nj, s, vb, ds, js, d, inv, ob); break;
+    case 6: lanes_pv<T, 6>(nr, nj, s, vb, ds, js, d, inv, ob); break;
+    case 7: lanes_pv<T, 7>(nr, nj, s, vb, ds, js, d, inv, ob); break;
+    default: break;
+  }
+}
+
+/// One work item: the block of W queries x0 .. x0 + W - 1 of row z of sequence b, head h,
+/// for every y. The K^T / V^T columns the block reads ("chunk": W + nj - 1 columns from
+/// x0 + olo) of each key row are transposed once into a ring of key rows, so consecutive
+/// query rows, which share all but one key row per plane, find them in L1.
+template <class T>
+void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowExtras<T>& x,
+                index_t b, index_t h, index_t z, index_t x0, LanesScratch<T>& s) {
+  constexpr int W = VecTraits<T>::W;
+  const index_t D = p.D, Dv = p.Dv, k2 = m.k[2], n1 = m.n[1], n2 = m.n[2];
+  const index_t hk = h / (p.H / p.Hkv);
+  const index_t qbeg = p.cu_q[b], kbeg = p.cu_k[b];
+  const index_t nl = imin(W, n2 - x0);  // real lanes
+  // Window offsets (key - query) of the real lanes on the innermost axis.
+  index_t olo = 0, ohi = 0, lo, hi;
+  for (index_t l = 0; l < nl; ++l) {
+    m.window(2, x0 + l, lo, hi);
+    olo = l == 0 ? lo - x0 : imin(olo, lo - x0 - l);
+    ohi = l == 0 ? hi - 1 - x0 : imax(ohi, hi - 1 - x0 - l);
+  }
+  const index_t nj = ohi - olo + 1, cb = x0 + olo, wc = round_up(W + nj - 1, 8);
+  bool masked = false;
+  s.mask.assign(nj * W, 0);
+  for (index_t l = 0; l < nl; ++l) {
+    m.window(2, x0 + l, lo, hi);
+    for (index_t o = olo; o <= ohi; ++o) {
+      const bool out = x0 + l + o < lo || x0 + l + o >= hi;
+      s.mask[(o - olo) * W + l] = out;
+      masked |= out;
+    }
+  }
+  // Key-row ring: the rows of one query row's window never share a slot.
+  index_t kz0, kz1;
+  m.window(0, z, kz0, kz1);
+  index_t k1r = 1;
+  for (index_t y = 0; y < n1; ++y) {
+    m.window(1, y, lo, hi);
+    k1r = imax(k1r, hi - lo);
+  }
+  const index_t slots = (kz1 - kz0) * k1r;
+  // Chunk rows start on cache lines (wc = 16 floats: one line per feature, and the shifted
+  // loads of offsets 0 .. 8 never straddle two lines).
+  s.kr.resize(slots * D * wc + 16);
+  s.vr.resize(slots * Dv * wc + 16);
+  T* const kring = align64(s.kr.data());
+  T* const vring = align64(s.vr.data());
+  s.slot_row.assign(slots, -1);
+  s.rows.resize(imax(imax(wc, W), Dv));
+  if (static_cast<index_t>(s.zeros.size()) < imax(D, Dv)) s.zeros.assign(imax(D, Dv), T(0));
+  s.qt.resize(D * W);
+  s.ob.resize(Dv * W);
+
+  const T c2 = p.scale * static_cast<T>(1.4426950408889634);
+  const T ln2 = static_cast<T>(0.69314718055994531);
+  const index_t Rall = x.R[0] * x.R[1] * x.R[2];
+  const T* bias_h = x.bias ? x.bias + h * Rall : nullptr;
+  for (index_t y = 0; y < n1; ++y) {
+    index_t sy, ey;
+    m.window(1, y, sy, ey);
+    s.kb.clear();
+    s.vb.clear();
+    s.krel.clear();
+    for (index_t kz = kz0; kz < kz1; ++kz)
+      for (index_t ky = sy; ky < ey; ++ky) {
+        const index_t slot = (kz - kz0) * k1r + ky % k1r, row = kz * n1 + ky;
+        T* kd = kring + slot * D * wc;
+        T* vd = vring + slot * Dv * wc;
+        if (s.slot_row[slot] != row) {
+          s.slot_row[slot] = row;
+          const index_t t0 = kbeg + m.token(kz, ky, 0);
+          for (index_t c = 0; c < wc; ++c)
+            s.rows[c] = cb + c >= 0 && cb + c < n2 ? p.k.at(hk, t0 + cb + c) : s.zeros.data();
+          transpose_ptrs(s.rows.data(), wc, D, kd, wc);
+          for (index_t c = 0; c < wc; ++c)
+            s.rows[c] = cb + c >= 0 && cb + c < n2 ? p.v.at(hk, t0 + cb + c) : s.zeros.data();
+          transpose_ptrs(s.rows.data(), wc, Dv, vd, wc);
+        }
+        s.kb.push_back(kd);
+        s.vb.push_back(vd);
+        s.krel.push_back((kz - z + m.k[0] - 1) * x.R[1] + (ky - y + m.k[1] - 1));
+      }
+    const index_t nr = static_cast<index_t>(s.kb.size()), nkeys = nr * nj;
+    // Prefetch the next query row's Q rows and the key rows that enter the ring there (rows
+    // H * D apart: without it their misses cost ~40% of the 56x56 / k 7 forward), a few
+    // lines before each key row's GEMM below rather than in one burst.
+    s.pf.clear();
+    if (y + 1 < n1) {
+      auto lines = [&](const T* row, index_t n) {
+        const char* c = reinterpret_cast<const char*>(row);
+        for (index_t o = 0; o < n * static_cast<index_t>(sizeof(T)); o += 64) s.pf.push_back(c + o);
+      };
+      const index_t tq1 = qbeg + m.token(z, y + 1, x0);
+      for (index_t l = 0; l < nl; ++l) lines(p.q.at(h, tq1 + l), D);
+      index_t sy1, ey1;
+      m.window(1, y + 1, sy1, ey1);
+      for (index_t kz = kz0; kz < kz1; ++kz)
+        for (index_t ky = imax(sy1, ey); ky < ey1; ++ky) {
+          const index_t t0 = kbeg + m.token(kz, ky, 0);
+          for (index_t c = imax(0, cb); c < imin(n2, cb + wc); ++c) {
+            lines(p.k.at(hk, t0 + c), D);
+            lines(p.v.at(hk, t0 + c), Dv);
+          }
+        }
+    }
+    const index_t npf = static_cast<index_t>(s.pf.size()), pf_step = ceil_div(npf, imax(1, nr));
+    s.s.resize(nkeys * W);
+    T* S = s.s.data();
+    // Q^T of the block (lanes past the row read zeros).
+    const index_t tq = qbeg + m.token(z, y, x0);
+    for (index_t l = 0; l < W; ++l) s.rows[l] = l < nl ? p.q.at(h, tq + l) : s.zeros.data();
+    transpose_ptrs(s.rows.data(), W, D, s.qt.data(), W);
+    // Logits (base 2), bias, mask.
+    for (index_t t = 0; t < nr; ++t) {
+      for (index_t e = t * pf_step; e < imin(npf, (t + 1) * pf_step); ++e)
+        __builtin_prefetch(s.pf[e], 0, 3);
+      T* st = S + t * nj * W;
+      lanes_qk_any(nj, D, s.qt.data(), W, s.kb[t], wc, 1, st, c2);
+      if (bias_h) {
+        const T* br = bias_h + s.krel[t] * x.R[2] + (olo + k2 - 1);
+        for (index_t j = 0; j < nj; ++j) storev(st + j * W, loadv(st + j * W) + br[j]);
+      }
+      if (masked)
+        for (index_t e = 0; e < nj * W; ++e)
+          if (s.mask[e]) st[e] = kNegInf<T>;
+    }
+    // Softmax over the window.
+    // (Four independent maxima and sums: one chain would wait on each add's latency.)
+    vec_t<T> m4[4] = {splatv<T>(kNegInf<T>), splatv<T>(kNegInf<T>), splatv<T>(kNegInf<T>),
+                      splatv<T>(kNegInf<T>)};
+    index_t e = 0;
+    for (; e + 4 <= nkeys; e += 4)
+      for (int u = 0; u < 4; ++u) m4[u] = vmax<T>(m4[u], loadv(S + (e + u) * W));
+    for (; e < nkeys; ++e) m4[0] = vmax<T>(m4[0], loadv(S + e * W));
+    const vec_t<T> mx = vmax<T>(vmax<T>(m4[0], m4[1]), vmax<T>(m4[2], m4[3]));
+    vec_t<T> s4[4] = {};
+    for (e = 0; e + 4 <= nkeys; e += 4)
+      for (int u = 0; u < 4; ++u) {
+        const vec_t<T> pe = exp2v_nonpos(loadv(S + (e + u) * W) - mx);
+        storev(S + (e + u) * W, pe);
+        s4[u] += pe;
+      }
+    for (; e < nkeys; ++e) {
+      const vec_t<T> pe = exp2v_nonpos(loadv(S + e * W) - mx);
+      storev(S + e * W, pe);
+      s4[0] += pe;
+    }
+    const vec_t<T> sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+    const vec_t<T> inv = splatv<T>(T(1)) / sum;
+    // O^T = P V.
+    lanes_pv_any(Dv, nr, nj, S, s.vb.data(), wc, 1, inv, s.ob.data());
+    // Token-major output rows (rows of consecutive lanes are H * Dv apart: 8x8 register
+    // transposes straight into them) and LSEs of the real lanes.
+    T* const o0 = p.o + (tq * p.H + h) * Dv;
+    if (Dv % 8 == 0) {
+      for (index_t d = 0; d < Dv; ++d) s.rows[d] = s.ob.data() + d * W;
+      transpose_ptrs(s.rows.data(), Dv, nl, o0, p.H * Dv);
+    } else {
+      for (index_t l = 0; l < nl; ++l)
+        for (index_t d = 0; d < Dv; ++d) o0[l * p.H * Dv + d] = s.ob[d * W + l];
+    }
+    T mxs[W], sums[W];
+    storev(mxs, mx);
+    storev(sums, sum);
+    for (index_t l = 0; l < nl; ++l)
+      p.lse[(tq + l) * p.H + h] = (mxs[l] + std::log2(sums[l])) * ln2;
+  }
+}
+
+/// Forward of NA with stride 1 on the innermost axis (na_lanes_applies), all sequences.
+template <class T>
+void na_fwd_lanes(const AttentionParams<T>& p, const WindowMask::Args& args,
+                  const WindowExtras<T>& x, const ParallelRunner& r) {
+  constexpr int W = VecTraits<T>::W;
+  std::vector<index_t> start(p.B + 1, 0);
+  for (index_t b = 0; b < p.B; ++b) {
+    const WindowMask m = WindowMask::make(args, b);
+    start[b + 1] = start[b] + p.H * m.n[0] * ceil_div(m.n[2], W);
+  }
+  for_each_item(r, start[p.B], LanesScratch<T>{}, [&](index_t it, LanesScratch<T>& s) {
+    index_t b = 0;
+    while (start[b + 1] <= it) ++b;
+    const WindowMask m = WindowMask::make(args, b);
+    const index_t nblk = ceil_div(m.n[2], W);
+    index_t rem = it - start[b];
+    const index_t i = rem % nblk;
+    rem /= nblk;
+    const index_t z = rem % m.n[0], h = rem / m.n[0];
+    lanes_item(p, m, x, b, h, z, i * W, s);
+  });
+}
+
+}  // namespace attn_detail
+}  // namespace tilefuse::cpu::TF_ISA_NS
