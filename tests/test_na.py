@@ -161,8 +161,9 @@ LANE_CASES = CASES + [
 
 @pytest.mark.parametrize("case", LANE_CASES, ids=[c[0] for c in LANE_CASES])
 def test_lane_forward_matches_tile_loop(case, cpu_isa, monkeypatch):
-    """Sliding NA (stride 1 on the innermost axis) runs with the queries in vector lanes;
-    TILEFUSE_NA_LANES=0 sends it through the tile loop. Both must equal the reference."""
+    """Sliding NA (stride 1 on the innermost axis) can run with the queries in vector lanes;
+    TILEFUSE_NA_LANES=1 forces that kernel wherever it applies, =0 sends everything through
+    the tile loop. Both must equal the reference."""
     shape, H, Hkv, D, Dv, kw = _case(case)
     q, k, v = _inputs(shape, H, Hkv, D, Dv)
     rpb = _rpb(H, kw["kernel_size"], len(shape))
@@ -175,6 +176,18 @@ def test_lane_forward_matches_tile_loop(case, cpu_isa, monkeypatch):
         assert (lse.double() - ref_lse).abs().max().item() < 1e-4
         outs[flag] = out
     assert (outs["1"] - outs["0"]).abs().max().item() < 1e-5
+    # float64 through the lane kernel, and the backward from its output and LSE.
+    monkeypatch.setenv("TILEFUSE_NA_LANES", "1")
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    rpb = rpb.double().requires_grad_()
+    out, lse = NA[len(shape)](q, k, v, rpb=rpb, return_lse=True, **kw)
+    assert (out - ref).abs().max().item() < 1e-10 and (lse - ref_lse).abs().max().item() < 1e-10
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), (q, k, v, rpb))
+    ref, ref_lse = R.na(q, k, v, rpb=rpb, return_lse=True, **kw)
+    ref_grads = torch.autograd.grad((ref * go).sum() + (ref_lse * gl).sum(), (q, k, v, rpb))
+    for g, rg in zip(grads, ref_grads):
+        assert (g - rg).abs().max().item() < 1e-9
 
 
 @pytest.mark.skipif(tilefuse.cpu_isa() != "cpu-avx2", reason="this CPU has only the generic tier")

@@ -80,11 +80,14 @@ WindowInputs<T> window_inputs(const WinShapes& s, const std::optional<at::Tensor
   return in;
 }
 
-/// TILEFUSE_NA_LANES=0 turns the lane-vectorised sliding NA forward off (A/B runs, and the
-/// tests that cross-check it against the tile loop).
-bool lanes_enabled() {
+/// Whether the forward runs the lane-vectorised sliding NA kernel: where it applies and is
+/// the faster choice; TILEFUSE_NA_LANES=1 forces it wherever it applies, =0 turns it off (A/B
+/// runs, and the tests that cross-check it against the tile loop).
+bool use_lanes(const WinShapes& s) {
   const char* e = std::getenv("TILEFUSE_NA_LANES");
-  return !(e && e[0] == '0');
+  if (e && e[0] == '0') return false;
+  if (e && e[0] == '1') return cpu::na_lanes_applies(s.args);
+  return cpu::na_lanes_preferred(s.args, s.R);
 }
 
 template <class T>
@@ -112,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const WinShapes& s, const at::Tensor
       sequence_params<T>(s.cu, s.cu, s.H, s.Hkv, s.B * s.N, s.B * s.N, s.D, s.Dv, scale);
   std::vector<at::Tensor> keep;
   // Sliding NA with the queries in vector lanes reads token rows only (no padded V).
-  const bool lanes = lanes_enabled() && cpu::na_lanes_applies(s.args);
+  const bool lanes = use_lanes(s);
   p.q = make_operand<T>(to_tokens(s, q), p.Dp, false, keep);
   // Key tiles are gathered by rows and transposed inside the kernel (no K^T pass here).
   p.k = make_operand<T>(to_tokens(s, k), p.Dp, false, keep);

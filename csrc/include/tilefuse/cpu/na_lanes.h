@@ -39,7 +39,8 @@ struct LanesScratch {
   std::vector<const T*> rows;     // row pointers for the transposes
   std::vector<unsigned char> mask;  // [nj][W]: 1 where a real lane does not see the key
   std::vector<const T*> kb, vb;     // per key row of the current query row: its ring slot
-  std::vector<index_t> krel;        // per key row: bias row offset
+  std::vector<index_t> krel[2];     // per key row of each query row: bias row offset
+  std::vector<int> in;              // per key row of the pair: 1 = row y sees it, 2 = y + 1, 3 = both
   std::vector<const char*> pf;      // cache lines to prefetch for the next query row
 };
 
@@ -127,6 +128,107 @@ inline void lanes_pv_any(index_t Dv, index_t nr, index_t nj, const T* s, const T
   }
 }
 
+/// Two query rows against one key row: S0[j], S1[j] for NJ offsets, each K^T vector loaded
+/// once for both (K^T rows of the ring: offset j at kb + j, feature d at kb + d * ds).
+template <class T, int NJ>
+inline void lanes_qk2(index_t D, const T* q0, const T* q1, index_t ldq, const T* kb, index_t ds,
+                      T* s0, T* s1, T c2) {
+  constexpr int W = VecTraits<T>::W;
+  vec_t<T> a0[NJ], a1[NJ];
+#pragma GCC unroll 8
+  for (int j = 0; j < NJ; ++j) a0[j] = a1[j] = vec_t<T>{};
+  for (index_t d = 0; d < D; ++d) {
+    const vec_t<T> x0 = loadv(q0 + d * ldq), x1 = loadv(q1 + d * ldq);
+    const T* kp = kb + d * ds;
+#pragma GCC unroll 8
+    for (int j = 0; j < NJ; ++j) {
+      const vec_t<T> kv = loadv(kp + j);
+      a0[j] += x0 * kv;
+      a1[j] += x1 * kv;
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NJ; ++j) {
+    storev(s0 + j * W, a0[j] * c2);
+    storev(s1 + j * W, a1[j] * c2);
+  }
+}
+
+template <class T>
+inline void lanes_qk2_any(index_t nj, index_t D, const T* q0, const T* q1, index_t ldq,
+                          const T* kb, index_t ds, T* s0, T* s1, T c2) {
+  constexpr int W = VecTraits<T>::W;
+  index_t j = 0;
+  for (; j + 4 <= nj; j += 4) lanes_qk2<T, 4>(D, q0, q1, ldq, kb + j, ds, s0 + j * W, s1 + j * W, c2);
+  switch (nj - j) {
+    case 1: lanes_qk2<T, 1>(D, q0, q1, ldq, kb + j, ds, s0 + j * W, s1 + j * W, c2); break;
+    case 2: lanes_qk2<T, 2>(D, q0, q1, ldq, kb + j, ds, s0 + j * W, s1 + j * W, c2); break;
+    case 3: lanes_qk2<T, 3>(D, q0, q1, ldq, kb + j, ds, s0 + j * W, s1 + j * W, c2); break;
+    default: break;
+  }
+}
+
+/// O0^T, O1^T features [d0, d0 + NB) of two query rows over the key rows of the pair (in[u]:
+/// bit 0 row 0 sees key row u, bit 1 row 1): a V^T vector both rows see is loaded once.
+template <class T, int NB>
+inline void lanes_pv2(index_t nu, index_t nj, const T* s0, const T* s1, const int* in,
+                      const T* const* vb, index_t ds, index_t d0, vec_t<T> inv0, vec_t<T> inv1,
+                      T* ob0, T* ob1) {
+  constexpr int W = VecTraits<T>::W;
+  vec_t<T> a0[NB], a1[NB];
+#pragma GCC unroll 8
+  for (int i = 0; i < NB; ++i) a0[i] = a1[i] = vec_t<T>{};
+  for (index_t u = 0; u < nu; ++u) {
+    const T* vrow = vb[u] + d0 * ds;
+    if (in[u] == 3) {
+      for (index_t j = 0; j < nj; ++j) {
+        const vec_t<T> p0 = loadv(s0 + j * W), p1 = loadv(s1 + j * W);
+#pragma GCC unroll 8
+        for (int i = 0; i < NB; ++i) {
+          const vec_t<T> vv = loadv(vrow + j + i * ds);
+          a0[i] += p0 * vv;
+          a1[i] += p1 * vv;
+        }
+      }
+      s0 += nj * W;
+      s1 += nj * W;
+    } else if (in[u] == 1) {
+      for (index_t j = 0; j < nj; ++j) {
+        const vec_t<T> p0 = loadv(s0 + j * W);
+#pragma GCC unroll 8
+        for (int i = 0; i < NB; ++i) a0[i] += p0 * loadv(vrow + j + i * ds);
+      }
+      s0 += nj * W;
+    } else {
+      for (index_t j = 0; j < nj; ++j) {
+        const vec_t<T> p1 = loadv(s1 + j * W);
+#pragma GCC unroll 8
+        for (int i = 0; i < NB; ++i) a1[i] += p1 * loadv(vrow + j + i * ds);
+      }
+      s1 += nj * W;
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NB; ++i) {
+    storev(ob0 + (d0 + i) * W, a0[i] * inv0);
+    storev(ob1 + (d0 + i) * W, a1[i] * inv1);
+  }
+}
+
+template <class T>
+inline void lanes_pv2_any(index_t Dv, index_t nu, index_t nj, const T* s0, const T* s1,
+                          const int* in, const T* const* vb, index_t ds, vec_t<T> inv0,
+                          vec_t<T> inv1, T* ob0, T* ob1) {
+  index_t d = 0;
+  for (; d + 4 <= Dv; d += 4) lanes_pv2<T, 4>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1);
+  switch (Dv - d) {
+    case 1: lanes_pv2<T, 1>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1); break;
+    case 2: lanes_pv2<T, 2>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1); break;
+    case 3: lanes_pv2<T, 3>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1); break;
+    default: break;
+  }
+}
+
 /// One work item: the block of W queries x0 .. x0 + W - 1 of row z of sequence b, head h,
 /// for every y. The K^T / V^T columns the block reads ("chunk": W + nj - 1 columns from
 /// x0 + olo) of each key row are transposed once into a ring of key rows, so consecutive
@@ -157,13 +259,15 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
       masked |= out;
     }
   }
-  // Key-row ring: the rows of one query row's window never share a slot.
+  // Key-row ring: the rows of two consecutive query rows' windows never share a slot.
   index_t kz0, kz1;
   m.window(0, z, kz0, kz1);
   index_t k1r = 1;
   for (index_t y = 0; y < n1; ++y) {
+    index_t lo1, hi1;
     m.window(1, y, lo, hi);
-    k1r = imax(k1r, hi - lo);
+    m.window(1, imin(y + 1, n1 - 1), lo1, hi1);
+    k1r = imax(k1r, hi1 - lo);
   }
   const index_t slots = (kz1 - kz0) * k1r;
   // Chunk rows start on cache lines (wc = 16 floats: one line per feature, and the shifted
@@ -175,21 +279,27 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
   s.slot_row.assign(slots, -1);
   s.rows.resize(imax(imax(wc, W), Dv));
   if (static_cast<index_t>(s.zeros.size()) < imax(D, Dv)) s.zeros.assign(imax(D, Dv), T(0));
-  s.qt.resize(D * W);
-  s.ob.resize(Dv * W);
+  s.qt.resize(2 * D * W);
+  s.ob.resize(2 * Dv * W);
 
   const T c2 = p.scale * static_cast<T>(1.4426950408889634);
   const T ln2 = static_cast<T>(0.69314718055994531);
   const index_t Rall = x.R[0] * x.R[1] * x.R[2];
   const T* bias_h = x.bias ? x.bias + h * Rall : nullptr;
-  for (index_t y = 0; y < n1; ++y) {
-    index_t sy, ey;
-    m.window(1, y, sy, ey);
+  // Query rows in pairs: a key row both rows see is loaded once for both (QK^T and PV).
+  for (index_t y = 0; y < n1; y += 2) {
+    const int nq = y + 1 < n1 ? 2 : 1;
+    index_t sy[2], ey[2];
+    m.window(1, y, sy[0], ey[0]);
+    m.window(1, y + nq - 1, sy[1], ey[1]);
     s.kb.clear();
     s.vb.clear();
-    s.krel.clear();
+    s.in.clear();
+    for (int r = 0; r < 2; ++r) s.krel[r].clear();
     for (index_t kz = kz0; kz < kz1; ++kz)
-      for (index_t ky = sy; ky < ey; ++ky) {
+      for (index_t ky = sy[0]; ky < ey[nq - 1]; ++ky) {
+        const bool in0 = ky < ey[0], in1 = nq == 2 && ky >= sy[1];
+        if (!in0 && !in1) continue;
         const index_t slot = (kz - kz0) * k1r + ky % k1r, row = kz * n1 + ky;
         T* kd = kring + slot * D * wc;
         T* vd = vring + slot * Dv * wc;
@@ -205,24 +315,33 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
         }
         s.kb.push_back(kd);
         s.vb.push_back(vd);
-        s.krel.push_back((kz - z + m.k[0] - 1) * x.R[1] + (ky - y + m.k[1] - 1));
+        s.in.push_back((in0 ? 1 : 0) | (in1 ? 2 : 0));
+        for (int r = 0; r < nq; ++r)
+          if ((r == 0 && in0) || (r == 1 && in1))
+            s.krel[r].push_back((kz - z + m.k[0] - 1) * x.R[1] + (ky - (y + r) + m.k[1] - 1));
       }
-    const index_t nr = static_cast<index_t>(s.kb.size()), nkeys = nr * nj;
-    // Prefetch the next query row's Q rows and the key rows that enter the ring there (rows
-    // H * D apart: without it their misses cost ~40% of the 56x56 / k 7 forward), a few
-    // lines before each key row's GEMM below rather than in one burst.
+    const index_t nu = static_cast<index_t>(s.kb.size());
+    index_t nr[2] = {static_cast<index_t>(s.krel[0].size()), static_cast<index_t>(s.krel[1].size())};
+    s.s.resize((nr[0] + nr[1]) * nj * W);
+    T* S[2] = {s.s.data(), s.s.data() + nr[0] * nj * W};
+    // Prefetch the next pair's Q rows and the key rows that enter the ring there (rows
+    // H * D apart: their misses are a large part of the forward otherwise), a few lines
+    // before each key row's GEMM below rather than in one burst.
     s.pf.clear();
-    if (y + 1 < n1) {
+    if (y + 2 < n1) {
       auto lines = [&](const T* row, index_t n) {
         const char* c = reinterpret_cast<const char*>(row);
         for (index_t o = 0; o < n * static_cast<index_t>(sizeof(T)); o += 64) s.pf.push_back(c + o);
       };
-      const index_t tq1 = qbeg + m.token(z, y + 1, x0);
-      for (index_t l = 0; l < nl; ++l) lines(p.q.at(h, tq1 + l), D);
-      index_t sy1, ey1;
-      m.window(1, y + 1, sy1, ey1);
+      const index_t y2 = imin(y + 3, n1 - 1);
+      for (index_t yy = y + 2; yy <= y2; ++yy) {
+        const index_t tq1 = qbeg + m.token(z, yy, x0);
+        for (index_t l = 0; l < nl; ++l) lines(p.q.at(h, tq1 + l), D);
+      }
+      index_t sy2, ey2;
+      m.window(1, y2, sy2, ey2);
       for (index_t kz = kz0; kz < kz1; ++kz)
-        for (index_t ky = imax(sy1, ey); ky < ey1; ++ky) {
+        for (index_t ky = ey[nq - 1]; ky < ey2; ++ky) {
           const index_t t0 = kbeg + m.token(kz, ky, 0);
           for (index_t c = imax(0, cb); c < imin(n2, cb + wc); ++c) {
             lines(p.k.at(hk, t0 + c), D);
@@ -230,67 +349,95 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
           }
         }
     }
-    const index_t npf = static_cast<index_t>(s.pf.size()), pf_step = ceil_div(npf, imax(1, nr));
-    s.s.resize(nkeys * W);
-    T* S = s.s.data();
-    // Q^T of the block (lanes past the row read zeros).
-    const index_t tq = qbeg + m.token(z, y, x0);
-    for (index_t l = 0; l < W; ++l) s.rows[l] = l < nl ? p.q.at(h, tq + l) : s.zeros.data();
-    transpose_ptrs(s.rows.data(), W, D, s.qt.data(), W);
-    // Logits (base 2), bias, mask.
-    for (index_t t = 0; t < nr; ++t) {
-      for (index_t e = t * pf_step; e < imin(npf, (t + 1) * pf_step); ++e)
+    const index_t npf = static_cast<index_t>(s.pf.size()), pf_step = ceil_div(npf, imax(1, nu));
+    // Q^T of the block in both rows (lanes past the row read zeros).
+    index_t tq[2];
+    for (int r = 0; r < nq; ++r) {
+      tq[r] = qbeg + m.token(z, y + r, x0);
+      for (index_t l = 0; l < W; ++l) s.rows[l] = l < nl ? p.q.at(h, tq[r] + l) : s.zeros.data();
+      transpose_ptrs(s.rows.data(), W, D, s.qt.data() + r * D * W, W);
+    }
+    const T* q0 = s.qt.data();
+    const T* q1 = s.qt.data() + D * W;
+    // Logits (base 2).
+    index_t t[2] = {0, 0};
+    for (index_t u = 0; u < nu; ++u) {
+      for (index_t e = u * pf_step; e < imin(npf, (u + 1) * pf_step); ++e)
         __builtin_prefetch(s.pf[e], 0, 3);
-      T* st = S + t * nj * W;
-      lanes_qk_any(nj, D, s.qt.data(), W, s.kb[t], wc, 1, st, c2);
-      if (bias_h) {
-        const T* br = bias_h + s.krel[t] * x.R[2] + (olo + k2 - 1);
-        for (index_t j = 0; j < nj; ++j) storev(st + j * W, loadv(st + j * W) + br[j]);
-      }
-      if (masked)
-        for (index_t e = 0; e < nj * W; ++e)
-          if (s.mask[e]) st[e] = kNegInf<T>;
+      const int in = s.in[u];
+      if (in == 3)
+        lanes_qk2_any(nj, D, q0, q1, W, s.kb[u], wc, S[0] + t[0] * nj * W, S[1] + t[1] * nj * W, c2);
+      else if (in == 1)
+        lanes_qk_any(nj, D, q0, W, s.kb[u], wc, 1, S[0] + t[0] * nj * W, c2);
+      else
+        lanes_qk_any(nj, D, q1, W, s.kb[u], wc, 1, S[1] + t[1] * nj * W, c2);
+      t[0] += in & 1;
+      t[1] += in >> 1;
     }
-    // Softmax over the window.
-    // (Four independent maxima and sums: one chain would wait on each add's latency.)
-    vec_t<T> m4[4] = {splatv<T>(kNegInf<T>), splatv<T>(kNegInf<T>), splatv<T>(kNegInf<T>),
-                      splatv<T>(kNegInf<T>)};
-    index_t e = 0;
-    for (; e + 4 <= nkeys; e += 4)
-      for (int u = 0; u < 4; ++u) m4[u] = vmax<T>(m4[u], loadv(S + (e + u) * W));
-    for (; e < nkeys; ++e) m4[0] = vmax<T>(m4[0], loadv(S + e * W));
-    const vec_t<T> mx = vmax<T>(vmax<T>(m4[0], m4[1]), vmax<T>(m4[2], m4[3]));
-    vec_t<T> s4[4] = {};
-    for (e = 0; e + 4 <= nkeys; e += 4)
-      for (int u = 0; u < 4; ++u) {
-        const vec_t<T> pe = exp2v_nonpos(loadv(S + (e + u) * W) - mx);
-        storev(S + (e + u) * W, pe);
-        s4[u] += pe;
+    vec_t<T> inv[2];
+    T mxs[2][W], sums[2][W];
+    for (int r = 0; r < nq; ++r) {
+      // Bias, mask.
+      for (index_t tt = 0; tt < nr[r]; ++tt) {
+        T* st = S[r] + tt * nj * W;
+        if (bias_h) {
+          const T* br = bias_h + s.krel[r][tt] * x.R[2] + (olo + k2 - 1);
+          for (index_t j = 0; j < nj; ++j) storev(st + j * W, loadv(st + j * W) + br[j]);
+        }
+        if (masked)
+          for (index_t e = 0; e < nj * W; ++e)
+            if (s.mask[e]) st[e] = kNegInf<T>;
       }
-    for (; e < nkeys; ++e) {
-      const vec_t<T> pe = exp2v_nonpos(loadv(S + e * W) - mx);
-      storev(S + e * W, pe);
-      s4[0] += pe;
+      // Softmax over the window (four independent maxima and sums: one chain would wait on
+      // each add's latency).
+      const index_t nkeys = nr[r] * nj;
+      T* Sr = S[r];
+      vec_t<T> m4[4] = {splatv<T>(kNegInf<T>), splatv<T>(kNegInf<T>), splatv<T>(kNegInf<T>),
+                        splatv<T>(kNegInf<T>)};
+      index_t e = 0;
+      for (; e + 4 <= nkeys; e += 4)
+        for (int u = 0; u < 4; ++u) m4[u] = vmax<T>(m4[u], loadv(Sr + (e + u) * W));
+      for (; e < nkeys; ++e) m4[0] = vmax<T>(m4[0], loadv(Sr + e * W));
+      const vec_t<T> mx = vmax<T>(vmax<T>(m4[0], m4[1]), vmax<T>(m4[2], m4[3]));
+      vec_t<T> s4[4] = {};
+      for (e = 0; e + 4 <= nkeys; e += 4)
+        for (int u = 0; u < 4; ++u) {
+          const vec_t<T> pe = exp2v_nonpos(loadv(Sr + (e + u) * W) - mx);
+          storev(Sr + (e + u) * W, pe);
+          s4[u] += pe;
+        }
+      for (; e < nkeys; ++e) {
+        const vec_t<T> pe = exp2v_nonpos(loadv(Sr + e * W) - mx);
+        storev(Sr + e * W, pe);
+        s4[0] += pe;
+      }
+      const vec_t<T> sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+      inv[r] = splatv<T>(T(1)) / sum;
+      storev(mxs[r], mx);
+      storev(sums[r], sum);
     }
-    const vec_t<T> sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
-    const vec_t<T> inv = splatv<T>(T(1)) / sum;
-    // O^T = P V.
-    lanes_pv_any(Dv, nr, nj, S, s.vb.data(), wc, 1, inv, s.ob.data());
+    // O^T = P V, both rows at once.
+    if (nq == 2) {
+      lanes_pv2_any(Dv, nu, nj, S[0], S[1], s.in.data(), s.vb.data(), wc, inv[0], inv[1],
+                    s.ob.data(), s.ob.data() + Dv * W);
+    } else {
+      lanes_pv_any(Dv, nr[0], nj, S[0], s.vb.data(), wc, 1, inv[0], s.ob.data());
+    }
     // Token-major output rows (rows of consecutive lanes are H * Dv apart: 8x8 register
     // transposes straight into them) and LSEs of the real lanes.
-    T* const o0 = p.o + (tq * p.H + h) * Dv;
-    if (Dv % 8 == 0) {
-      for (index_t d = 0; d < Dv; ++d) s.rows[d] = s.ob.data() + d * W;
-      transpose_ptrs(s.rows.data(), Dv, nl, o0, p.H * Dv);
-    } else {
+    for (int r = 0; r < nq; ++r) {
+      T* const o0 = p.o + (tq[r] * p.H + h) * Dv;
+      const T* ob = s.ob.data() + r * Dv * W;
+      if (Dv % 8 == 0) {
+        for (index_t d = 0; d < Dv; ++d) s.rows[d] = ob + d * W;
+        transpose_ptrs(s.rows.data(), Dv, nl, o0, p.H * Dv);
+      } else {
+        for (index_t l = 0; l < nl; ++l)
+          for (index_t d = 0; d < Dv; ++d) o0[l * p.H * Dv + d] = ob[d * W + l];
+      }
       for (index_t l = 0; l < nl; ++l)
-        for (index_t d = 0; d < Dv; ++d) o0[l * p.H * Dv + d] = s.ob[d * W + l];
+        p.lse[(tq[r] + l) * p.H + h] = (mxs[r][l] + std::log2(sums[r][l])) * ln2;
     }
-    T mxs[W], sums[W];
-    storev(mxs, mx);
-    storev(sums, sum);
-    for (index_t l = 0; l < nl; ++l)
-      p.lse[(tq + l) * p.H + h] = (mxs[l] + std::log2(sums[l])) * ln2;
   }
 }
 
