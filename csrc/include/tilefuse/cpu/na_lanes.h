@@ -9,14 +9,16 @@
 // transposed per row ([D][x]: one vector holds one feature of W consecutive tokens),
 //   S[j] (lanes) = sum_d Q^T[d][x0 ..] * K^T[d][start(x0) + j ..]      (one FMA per d, j)
 //   O^T[d] (lanes) = sum_j P[j] * V^T[d][start(x0) + j ..]
-// every computed score is a real (query, key) pair of the window: no union of windows, no
-// masked columns. Outer axes are loops over the key rows of the query row's window (any
-// kernel, causal or stride there). Blocks at the borders, where start() is clamped or
-// the window is causal-truncated, read their keys from a per-row gathered copy
-// [k][D][W] instead of shifted vectors ("irregular" blocks); padding lanes past the row
-// repeat its last query and are not stored.
-// Work items are (sequence, head, outer coordinate, chunk of rows, chunk of columns); each
-// transposes the key rows of its chunk's windows once (a key row serves up to k1 query rows).
+// every computed score is a real (query, key) pair of the window: no union of windows. Outer
+// axes are loops over the key rows of the query row's window (any kernel, causal or stride
+// there). Blocks at the borders, where start() is clamped or the window is causal-truncated,
+// compute the union of their lanes' offsets (at most 2k - 1) and mask the keys a lane does
+// not see; padding lanes past the row read zeros and are not stored.
+// A work item is one column block (sequence, head, outer coordinate z, x0) for every y. The
+// K^T / V^T columns it reads ("chunk": W + nj - 1 columns, rows of 16 floats for k <= 9, so
+// each feature is one cache line) of each key row are transposed once into a ring of key
+// rows; query rows run in pairs, so each K^T / V^T vector both rows see is loaded once, and
+// consecutive pairs share all but two key rows per plane of the ring (L1 resident).
 #pragma once
 #include <algorithm>
 #include <cmath>
