@@ -156,17 +156,29 @@ inline void lanes_qk2(index_t D, const T* q0, const T* q1, index_t ldq, const T*
   }
 }
 
+/// The offsets in ceil(nj / 6) near-equal chunks of at most 6 (2 x 6 accumulators + 2 Q
+/// + 1 K vectors fit the 16 registers): no short remainder chunk whose few accumulator
+/// chains would wait on the FMA latency (k 13: 5 + 4 + 4 rather than 4 + 4 + 4 + 1).
 template <class T>
 inline void lanes_qk2_any(index_t nj, index_t D, const T* q0, const T* q1, index_t ldq,
                           const T* kb, index_t ds, T* s0, T* s1, T c2) {
   constexpr int W = VecTraits<T>::W;
+  const index_t chunks = ceil_div(nj, 6);
   index_t j = 0;
-  for (; j + 4 <= nj; j += 4) lanes_qk2<T, 4>(D, q0, q1, ldq, kb + j, ds, s0 + j * W, s1 + j * W, c2);
-  switch (nj - j) {
-    case 1: lanes_qk2<T, 1>(D, q0, q1, ldq, kb + j, ds, s0 + j * W, s1 + j * W, c2); break;
-    case 2: lanes_qk2<T, 2>(D, q0, q1, ldq, kb + j, ds, s0 + j * W, s1 + j * W, c2); break;
-    case 3: lanes_qk2<T, 3>(D, q0, q1, ldq, kb + j, ds, s0 + j * W, s1 + j * W, c2); break;
-    default: break;
+  for (index_t c = 0; c < chunks; ++c) {
+    const index_t n = nj / chunks + (c < nj % chunks ? 1 : 0);
+    const T* kp = kb + j;
+    T* a = s0 + j * W;
+    T* b = s1 + j * W;
+    switch (n) {
+      case 1: lanes_qk2<T, 1>(D, q0, q1, ldq, kp, ds, a, b, c2); break;
+      case 2: lanes_qk2<T, 2>(D, q0, q1, ldq, kp, ds, a, b, c2); break;
+      case 3: lanes_qk2<T, 3>(D, q0, q1, ldq, kp, ds, a, b, c2); break;
+      case 4: lanes_qk2<T, 4>(D, q0, q1, ldq, kp, ds, a, b, c2); break;
+      case 5: lanes_qk2<T, 5>(D, q0, q1, ldq, kp, ds, a, b, c2); break;
+      default: lanes_qk2<T, 6>(D, q0, q1, ldq, kp, ds, a, b, c2); break;
+    }
+    j += n;
   }
 }
 
@@ -217,17 +229,24 @@ inline void lanes_pv2(index_t nu, index_t nj, const T* s0, const T* s1, const in
   }
 }
 
+/// Features in ceil(Dv / 6) near-equal chunks of at most 6 (2 x 6 accumulators + 2 P + 1 V).
 template <class T>
 inline void lanes_pv2_any(index_t Dv, index_t nu, index_t nj, const T* s0, const T* s1,
                           const int* in, const T* const* vb, index_t ds, vec_t<T> inv0,
                           vec_t<T> inv1, T* ob0, T* ob1) {
+  const index_t chunks = ceil_div(Dv, 6);
   index_t d = 0;
-  for (; d + 4 <= Dv; d += 4) lanes_pv2<T, 4>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1);
-  switch (Dv - d) {
-    case 1: lanes_pv2<T, 1>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1); break;
-    case 2: lanes_pv2<T, 2>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1); break;
-    case 3: lanes_pv2<T, 3>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1); break;
-    default: break;
+  for (index_t c = 0; c < chunks; ++c) {
+    const index_t n = Dv / chunks + (c < Dv % chunks ? 1 : 0);
+    switch (n) {
+      case 1: lanes_pv2<T, 1>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1); break;
+      case 2: lanes_pv2<T, 2>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1); break;
+      case 3: lanes_pv2<T, 3>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1); break;
+      case 4: lanes_pv2<T, 4>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1); break;
+      case 5: lanes_pv2<T, 5>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1); break;
+      default: lanes_pv2<T, 6>(nu, nj, s0, s1, in, vb, ds, d, inv0, inv1, ob0, ob1); break;
+    }
+    d += n;
   }
 }
 
