@@ -34,16 +34,16 @@ template <class T>
 struct LanesScratch {
   std::vector<T> kr, vr;          // ring of key rows: [slot][D | Dv][wc] (K^T, V^T of the chunk)
   std::vector<index_t> slot_row;  // key row (kz * n1 + ky) held by each slot, -1 if none
-  std::vector<T> qt;              // [D][W]: Q^T of the current block
-  std::vector<T> s;               // [keys][W]: logits, then probabilities, of one block
-  std::vector<T> ob;              // [Dv][W]: output of one block
+  std::vector<T> qt;              // [2][D][W]: Q^T of the block in the pair's two rows
+  std::vector<T> s;               // [keys][W] per row: logits, then probabilities
+  std::vector<T> ob;              // [2][Dv][W]: output of the block in both rows
   std::vector<T> zeros;           // one zero row (transpose padding)
   std::vector<const T*> rows;     // row pointers for the transposes
   std::vector<unsigned char> mask;  // [nj][W]: 1 where a real lane does not see the key
-  std::vector<const T*> kb, vb;     // per key row of the current query row: its ring slot
-  std::vector<index_t> krel[2];     // per key row of each query row: bias row offset
-  std::vector<int> in;              // per key row of the pair: 1 = row y sees it, 2 = y + 1, 3 = both
-  std::vector<const char*> pf;      // cache lines to prefetch for the next query row
+  std::vector<const T*> kb, vb;     // per key row of the pair: its ring slot (K^T, V^T)
+  std::vector<index_t> krel[2];     // per key row each query row sees: bias row offset
+  std::vector<int> in;  // per key row of the pair: 1 = row y sees it, 2 = row y + 1, 3 = both
+  std::vector<const char*> pf;      // cache lines to prefetch for the next pair
 };
 
 template <class T>
