@@ -39,10 +39,11 @@ inline bool na_lanes_applies(const WindowMask::Args& a) {
   return a.kind == WindowMask::kNeighborhood && a.stride[2] == 1 && !disjoint_windows(a);
 }
 
-/// When the lane kernel is also the faster choice (measured on 2 cores: 1.07-1.5x the tile
-/// loop on 56x56 / k 7, 32x32 / k 7, 128x128 / k 13 and 16x32x32 / 3x7x7; 0.91-0.94x in 1-D,
-/// where the loop wastes little, and 0.93x on 32-wide dilation groups with k 13, where half
-/// the blocks are border blocks computing up to 2k - 1 offsets).
+/// When the lane kernel is also the faster choice (measured with 1 and 2 threads, speed
+/// relative to the tile loop: 1.01-1.53x on 56x56 / k 7, 32x32 / k 7, 128x128 / k 13 and
+/// 16x32x32 / 3x7x7; 0.91-0.94x in 1-D, where the loop wastes little, and 0.93-0.94x on
+/// 32-wide dilation groups with k 13, where half the blocks are border blocks computing up to
+/// 2k - 1 offsets).
 inline bool na_lanes_preferred(const WindowMask::Args& a, index_t rank) {
   const index_t n2 = ceil_div(a.size[2], a.dilation[2]);
   return na_lanes_applies(a) && rank >= 2 && n2 >= 4 * a.kernel[2];
