@@ -51,11 +51,11 @@ inline T* align64(T* p) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
 }
 
-/// S[jj][W] = c2 * sum_d Q^T[d] * K(j0 + jj)[d] for NJ window offsets; K(j)[d] at
-/// kb + j * js + d * ds (shifted K^T rows, or a gathered block).
+/// S[j][W] = c2 * sum_d Q^T[d] * K^T[d][j ..] for NJ window offsets of one query row (K^T
+/// rows of the ring: offset j at kb + j, feature d at kb + d * ds). Key rows only one row of
+/// a pair sees; lanes_qk2 below runs the ones both see.
 template <class T, int NJ>
-inline void lanes_qk(index_t D, const T* q, index_t ldq, const T* kb, index_t ds, index_t js,
-                     T* s, T c2) {
+inline void lanes_qk(index_t D, const T* q, index_t ldq, const T* kb, index_t ds, T* s, T c2) {
   constexpr int W = VecTraits<T>::W;
   vec_t<T> acc[NJ];
 #pragma GCC unroll 8
@@ -64,7 +64,7 @@ inline void lanes_qk(index_t D, const T* q, index_t ldq, const T* kb, index_t ds
     const vec_t<T> qv = loadv(q + d * ldq);
     const T* kp = kb + d * ds;
 #pragma GCC unroll 8
-    for (int j = 0; j < NJ; ++j) acc[j] += qv * loadv(kp + j * js);
+    for (int j = 0; j < NJ; ++j) acc[j] += qv * loadv(kp + j);
   }
 #pragma GCC unroll 8
   for (int j = 0; j < NJ; ++j) storev(s + j * W, acc[j] * c2);
@@ -72,60 +72,20 @@ inline void lanes_qk(index_t D, const T* q, index_t ldq, const T* kb, index_t ds
 
 template <class T>
 inline void lanes_qk_any(index_t nj, index_t D, const T* q, index_t ldq, const T* kb, index_t ds,
-                         index_t js, T* s, T c2) {
+                         T* s, T c2) {
   constexpr int W = VecTraits<T>::W;
   index_t j = 0;
-  for (; j + 8 <= nj; j += 8) lanes_qk<T, 8>(D, q, ldq, kb + j * js, ds, js, s + j * W, c2);
-  const T* kp = kb + j * js;
+  for (; j + 8 <= nj; j += 8) lanes_qk<T, 8>(D, q, ldq, kb + j, ds, s + j * W, c2);
+  const T* kp = kb + j;
   T* sp = s + j * W;
   switch (nj - j) {
-    case 1: lanes_qk<T, 1>(D, q, ldq, kp, ds, js, sp, c2); break;
-    case 2: lanes_qk<T, 2>(D, q, ldq, kp, ds, js, sp, c2); break;
-    case 3: lanes_qk<T, 3>(D, q, ldq, kp, ds, js, sp, c2); break;
-    case 4: lanes_qk<T, 4>(D, q, ldq, kp, ds, js, sp, c2); break;
-    case 5: lanes_qk<T, 5>(D, q, ldq, kp, ds, js, sp, c2); break;
-    case 6: lanes_qk<T, 6>(D, q, ldq, kp, ds, js, sp, c2); break;
-    case 7: lanes_qk<T, 7>(D, q, ldq, kp, ds, js, sp, c2); break;
-    default: break;
-  }
-}
-
-/// O^T[d0 + dd] = inv * sum over key rows t and offsets j of P[t][j] * V(t, j)[d0 + dd] for
-/// NB features; V(t, j)[d] at vb[t] + j * js + d * ds.
-template <class T, int NB>
-inline void lanes_pv(index_t nr, index_t nj, const T* s, const T* const* vb, index_t ds,
-                     index_t js, index_t d0, vec_t<T> inv, T* ob) {
-  constexpr int W = VecTraits<T>::W;
-  vec_t<T> acc[NB];
-#pragma GCC unroll 8
-  for (int i = 0; i < NB; ++i) acc[i] = vec_t<T>{};
-  for (index_t t = 0; t < nr; ++t) {
-    const T* vrow = vb[t] + d0 * ds;
-    const T* sp = s + t * nj * W;
-    for (index_t j = 0; j < nj; ++j) {
-      const vec_t<T> pv = loadv(sp + j * W);
-      const T* vp = vrow + j * js;
-#pragma GCC unroll 8
-      for (int i = 0; i < NB; ++i) acc[i] += pv * loadv(vp + i * ds);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < NB; ++i) storev(ob + (d0 + i) * W, acc[i] * inv);
-}
-
-template <class T>
-inline void lanes_pv_any(index_t Dv, index_t nr, index_t nj, const T* s, const T* const* vb,
-                         index_t ds, index_t js, vec_t<T> inv, T* ob) {
-  index_t d = 0;
-  for (; d + 8 <= Dv; d += 8) lanes_pv<T, 8>(nr, nj, s, vb, ds, js, d, inv, ob);
-  switch (Dv - d) {
-    case 1: lanes_pv<T, 1>(nr, nj, s, vb, ds, js, d, inv, ob); break;
-    case 2: lanes_pv<T, 2>(nr, nj, s, vb, ds, js, d, inv, ob); break;
-    case 3: lanes_pv<T, 3>(nr, nj, s, vb, ds, js, d, inv, ob); break;
-    case 4: lanes_pv<T, 4>(nr, nj, s, vb, ds, js, d, inv, ob); break;
-    case 5: lanes_pv<T, 5>(nr, nj, s, vb, ds, js, d, inv, ob); break;
-    case 6: lanes_pv<T, 6>(nr, nj, s, vb, ds, js, d, inv, ob); break;
-    case 7: lanes_pv<T, 7>(nr, nj, s, vb, ds, js, d, inv, ob); break;
+    case 1: lanes_qk<T, 1>(D, q, ldq, kp, ds, sp, c2); break;
+    case 2: lanes_qk<T, 2>(D, q, ldq, kp, ds, sp, c2); break;
+    case 3: lanes_qk<T, 3>(D, q, ldq, kp, ds, sp, c2); break;
+    case 4: lanes_qk<T, 4>(D, q, ldq, kp, ds, sp, c2); break;
+    case 5: lanes_qk<T, 5>(D, q, ldq, kp, ds, sp, c2); break;
+    case 6: lanes_qk<T, 6>(D, q, ldq, kp, ds, sp, c2); break;
+    case 7: lanes_qk<T, 7>(D, q, ldq, kp, ds, sp, c2); break;
     default: break;
   }
 }
@@ -389,9 +349,9 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
       if (in == 3)
         lanes_qk2_any(nj, D, q0, q1, W, s.kb[u], wc, S[0] + t[0] * nj * W, S[1] + t[1] * nj * W, c2);
       else if (in == 1)
-        lanes_qk_any(nj, D, q0, W, s.kb[u], wc, 1, S[0] + t[0] * nj * W, c2);
+        lanes_qk_any(nj, D, q0, W, s.kb[u], wc, S[0] + t[0] * nj * W, c2);
       else
-        lanes_qk_any(nj, D, q1, W, s.kb[u], wc, 1, S[1] + t[1] * nj * W, c2);
+        lanes_qk_any(nj, D, q1, W, s.kb[u], wc, S[1] + t[1] * nj * W, c2);
       t[0] += in & 1;
       t[1] += in >> 1;
     }
@@ -437,13 +397,11 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
       storev(mxs[r], mx);
       storev(sums[r], sum);
     }
-    // O^T = P V, both rows at once.
-    if (nq == 2) {
-      lanes_pv2_any(Dv, nu, nj, S[0], S[1], s.in.data(), s.vb.data(), wc, inv[0], inv[1],
-                    s.ob.data(), s.ob.data() + Dv * W);
-    } else {
-      lanes_pv_any(Dv, nr[0], nj, S[0], s.vb.data(), wc, 1, inv[0], s.ob.data());
-    }
+    // O^T = P V, both rows at once (a lone last row: every key row has in == 1, and row 1's
+    // accumulators stay zero and are not stored below).
+    if (nq == 1) inv[1] = inv[0];
+    lanes_pv2_any(Dv, nu, nj, S[0], S[1], s.in.data(), s.vb.data(), wc, inv[0], inv[1],
+                  s.ob.data(), s.ob.data() + Dv * W);
     // Token-major output rows (rows of consecutive lanes are H * Dv apart: 8x8 register
     // transposes straight into them) and LSEs of the real lanes.
     for (int r = 0; r < nq; ++r) {
