@@ -104,7 +104,7 @@ inline void lanes_qk2(index_t D, const T* q0, const T* q1, index_t ldq, const T*
     const T* kp = kb + d * ds;
 #pragma GCC unroll 8
     for (int j = 0; j < NJ; ++j) {
-      const vec_t<T> kv = loadv(kp + j);
+      const vec_t<T> kv = loadv_once(kp + j);
       a0[j] += x0 * kv;
       a1[j] += x1 * kv;
     }
@@ -159,7 +159,7 @@ inline void lanes_pv2(index_t nu, index_t nj, const T* s0, const T* s1, const in
         const vec_t<T> p0 = loadv(s0 + j * W), p1 = loadv(s1 + j * W);
 #pragma GCC unroll 8
         for (int i = 0; i < NB; ++i) {
-          const vec_t<T> vv = loadv(vrow + j + i * ds);
+          const vec_t<T> vv = loadv_once(vrow + j + i * ds);
           a0[i] += p0 * vv;
           a1[i] += p1 * vv;
         }

@@ -30,6 +30,17 @@ template <class T>
 static inline vec_t<T> loadv(const T* p) {
   return *reinterpret_cast<const typename VecTraits<T>::unaligned*>(p);
 }
+/// loadv whose result stays in a register: for a vector that several FMAs read (GCC otherwise
+/// folds the load into each FMA's memory operand, one load per use, and a loop of 2 FMAs per
+/// loaded vector becomes bound by the loads).
+template <class T>
+static inline vec_t<T> loadv_once(const T* p) {
+  vec_t<T> v = loadv(p);
+#if defined(__AVX__)
+  asm("" : "+x"(v));
+#endif
+  return v;
+}
 template <class T>
 static inline void storev(T* p, vec_t<T> v) {
   *reinterpret_cast<typename VecTraits<T>::unaligned*>(p) = v;
