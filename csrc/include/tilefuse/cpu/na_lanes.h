@@ -39,7 +39,7 @@ struct LanesScratch {
   std::vector<T> ob;              // [2][Dv][W]: output of the block in both rows
   std::vector<T> zeros;           // one zero row (transpose padding)
   std::vector<const T*> rows;     // row pointers for the transposes
-  std::vector<unsigned char> mask;  // [nj][W]: 1 where a real lane does not see the key
+  std::vector<T> mask;  // [nj][W]: -inf where a real lane does not see the key, else 0
   std::vector<const T*> kb, vb;     // per key row of the pair: its ring slot (K^T, V^T)
   std::vector<index_t> krel[2];     // per key row each query row sees: bias row offset
   std::vector<int> in;  // per key row of the pair: 1 = row y sees it, 2 = row y + 1, 3 = both
@@ -231,12 +231,12 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
   }
   const index_t nj = ohi - olo + 1, cb = x0 + olo, wc = round_up(W + nj - 1, 8);
   bool masked = false;
-  s.mask.assign(nj * W, 0);
+  s.mask.assign(nj * W, T(0));
   for (index_t l = 0; l < nl; ++l) {
     m.window(2, x0 + l, lo, hi);
     for (index_t o = olo; o <= ohi; ++o) {
       const bool out = x0 + l + o < lo || x0 + l + o >= hi;
-      s.mask[(o - olo) * W + l] = out;
+      if (out) s.mask[(o - olo) * W + l] = kNegInf<T>;
       masked |= out;
     }
   }
@@ -365,9 +365,11 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
           const T* br = bias_h + s.krel[r][tt] * x.R[2] + (olo + k2 - 1);
           for (index_t j = 0; j < nj; ++j) storev(st + j * W, loadv(st + j * W) + br[j]);
         }
-        if (masked)
-          for (index_t e = 0; e < nj * W; ++e)
-            if (s.mask[e]) st[e] = kNegInf<T>;
+        if (masked)  // a select, not an add: a NaN logit of an unseen key must not leak
+          for (index_t j = 0; j < nj; ++j) {
+            const vec_t<T> mk = loadv(s.mask.data() + j * W);
+            storev(st + j * W, mk < vec_t<T>{} ? mk : loadv(st + j * W));
+          }
       }
       // Softmax over the window (four independent maxima and sums: one chain would wait on
       // each add's latency).
@@ -414,8 +416,9 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
         for (index_t l = 0; l < nl; ++l)
           for (index_t d = 0; d < Dv; ++d) o0[l * p.H * Dv + d] = ob[d * W + l];
       }
-      for (index_t l = 0; l < nl; ++l)
-        p.lse[(tq[r] + l) * p.H + h] = (mxs[r][l] + std::log2(sums[r][l])) * ln2;
+      T lg[W];
+      log2_rows<W, T>(sums[r], lg);  // one vector log2 (fp32) instead of a libm call per lane
+      for (index_t l = 0; l < nl; ++l) p.lse[(tq[r] + l) * p.H + h] = (mxs[r][l] + lg[l]) * ln2;
     }
   }
 }
