@@ -43,7 +43,8 @@ struct LanesScratch {
   std::vector<const T*> kb, vb;     // per key row of the pair: its ring slot (K^T, V^T)
   std::vector<index_t> krel[2];     // per key row each query row sees: bias row offset
   std::vector<int> in;  // per key row of the pair: 1 = row y sees it, 2 = row y + 1, 3 = both
-  std::vector<const char*> pf;      // cache lines to prefetch for the next pair
+  Prefetcher pf;                    // rows to prefetch for the next pair
+  std::vector<index_t> iota;        // 0, 1, 2, ...: token offsets of a run of a row
 };
 
 template <class T>
@@ -261,6 +262,10 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
   s.rows.resize(imax(imax(wc, W), Dv));
   if (static_cast<index_t>(s.zeros.size()) < imax(D, Dv)) s.zeros.assign(imax(D, Dv), T(0));
   s.qt.resize(2 * D * W);
+  if (static_cast<index_t>(s.iota.size()) < wc) {
+    s.iota.resize(wc);
+    for (index_t c = 0; c < wc; ++c) s.iota[c] = c;
+  }
   s.ob.resize(2 * Dv * W);
 
   const T c2 = p.scale * static_cast<T>(1.4426950408889634);
@@ -310,27 +315,20 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
     // before each key row's GEMM below rather than in one burst.
     s.pf.clear();
     if (y + 2 < n1) {
-      auto lines = [&](const T* row, index_t n) {
-        const char* c = reinterpret_cast<const char*>(row);
-        for (index_t o = 0; o < n * static_cast<index_t>(sizeof(T)); o += 64) s.pf.push_back(c + o);
-      };
       const index_t y2 = imin(y + 3, n1 - 1);
-      for (index_t yy = y + 2; yy <= y2; ++yy) {
-        const index_t tq1 = qbeg + m.token(z, yy, x0);
-        for (index_t l = 0; l < nl; ++l) lines(p.q.at(h, tq1 + l), D);
-      }
+      for (index_t yy = y + 2; yy <= y2; ++yy)
+        s.pf.add(p.q.at(h, 0), p.q.row_stride, qbeg + m.token(z, yy, x0), s.iota.data(), nl, D);
       index_t sy2, ey2;
       m.window(1, y2, sy2, ey2);
+      const index_t c0 = imax(0, cb), nc = imin(n2, cb + wc) - c0;
       for (index_t kz = kz0; kz < kz1; ++kz)
         for (index_t ky = ey[nq - 1]; ky < ey2; ++ky) {
-          const index_t t0 = kbeg + m.token(kz, ky, 0);
-          for (index_t c = imax(0, cb); c < imin(n2, cb + wc); ++c) {
-            lines(p.k.at(hk, t0 + c), D);
-            lines(p.v.at(hk, t0 + c), Dv);
-          }
+          const index_t t0 = kbeg + m.token(kz, ky, 0) + c0;
+          s.pf.add(p.k.at(hk, 0), p.k.row_stride, t0, s.iota.data(), nc, D);
+          s.pf.add(p.v.at(hk, 0), p.v.row_stride, t0, s.iota.data(), nc, Dv);
         }
     }
-    const index_t npf = static_cast<index_t>(s.pf.size()), pf_step = ceil_div(npf, imax(1, nu));
+    const size_t pf_share = s.pf.share(imax(1, nu));
     // Q^T of the block in both rows (lanes past the row read zeros).
     index_t tq[2];
     for (int r = 0; r < nq; ++r) {
@@ -343,8 +341,7 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
     // Logits (base 2).
     index_t t[2] = {0, 0};
     for (index_t u = 0; u < nu; ++u) {
-      for (index_t e = u * pf_step; e < imin(npf, (u + 1) * pf_step); ++e)
-        __builtin_prefetch(s.pf[e], 0, 3);
+      s.pf.issue(pf_share);
       const int in = s.in[u];
       if (in == 3)
         lanes_qk2_any(nj, D, q0, q1, W, s.kb[u], wc, S[0] + t[0] * nj * W, S[1] + t[1] * nj * W, c2);
