@@ -161,9 +161,9 @@ LANE_CASES = CASES + [
 
 @pytest.mark.parametrize("case", LANE_CASES, ids=[c[0] for c in LANE_CASES])
 def test_lane_forward_matches_tile_loop(case, cpu_isa, monkeypatch):
-    """Sliding NA (stride 1 on the innermost axis) can run with the queries in vector lanes;
-    TILEFUSE_NA_LANES=1 forces that kernel wherever it applies, =0 sends everything through
-    the tile loop. Both must equal the reference."""
+    """Sliding NA (stride 1 on the innermost axis) runs with the queries in vector lanes by
+    default (TILEFUSE_NA_LANES unset or 1); =0 sends it through the tile loop. Both must equal
+    the reference."""
     shape, H, Hkv, D, Dv, kw = _case(case)
     q, k, v = _inputs(shape, H, Hkv, D, Dv)
     rpb = _rpb(H, kw["kernel_size"], len(shape))

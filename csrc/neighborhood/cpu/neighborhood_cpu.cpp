@@ -80,14 +80,13 @@ WindowInputs<T> window_inputs(const WinShapes& s, const std::optional<at::Tensor
   return in;
 }
 
-/// Whether the forward runs the lane-vectorised sliding NA kernel: where it applies and is
-/// the faster choice; TILEFUSE_NA_LANES=1 forces it wherever it applies, =0 turns it off (A/B
-/// runs, and the tests that cross-check it against the tile loop).
+/// Whether the forward runs the lane-vectorised sliding NA kernel: wherever it applies;
+/// TILEFUSE_NA_LANES=0 sends it through the tile loop instead (A/B runs, and the tests that
+/// cross-check the two).
 bool use_lanes(const WinShapes& s) {
   const char* e = std::getenv("TILEFUSE_NA_LANES");
   if (e && e[0] == '0') return false;
-  if (e && e[0] == '1') return cpu::na_lanes_applies(s.args);
-  return cpu::na_lanes_preferred(s.args, s.R);
+  return cpu::na_lanes_applies(s.args);
 }
 
 template <class T>

@@ -34,19 +34,12 @@ inline bool window_bwd_direct_applies(const WindowMask::Args& a, index_t groups)
 
 /// True when the forward runs with the queries in vector lanes (cpu/na_lanes.h): sliding
 /// neighborhood attention with stride 1 on the innermost axis (any kernel, dilation, causal
-/// flags, and stride on the outer axes). Blocked windows keep the single-block path.
+/// flags, and stride on the outer axes). Blocked windows keep the single-block path. Wherever
+/// it applies it is also the faster forward (session 6, avx2 tier, lanes / tile-loop time, one
+/// and two threads: 0.53-0.92 on 2-D rows of 14 to 128 with k 7 and 13, 0.55-0.96 in 3-D,
+/// 0.60-1.00 in 1-D (4096 / k 31 equal), 0.73-0.99 on dilation groups of 16 and 32 with k 13).
 inline bool na_lanes_applies(const WindowMask::Args& a) {
   return a.kind == WindowMask::kNeighborhood && a.stride[2] == 1 && !disjoint_windows(a);
-}
-
-/// When the lane kernel is also the faster choice (measured with 1 and 2 threads, speed
-/// relative to the tile loop: 1.01-1.53x on 56x56 / k 7, 32x32 / k 7, 128x128 / k 13 and
-/// 16x32x32 / 3x7x7; 0.91-0.94x in 1-D, where the loop wastes little, and 0.93-0.94x on
-/// 32-wide dilation groups with k 13, where half the blocks are border blocks computing up to
-/// 2k - 1 offsets).
-inline bool na_lanes_preferred(const WindowMask::Args& a, index_t rank) {
-  const index_t n2 = ceil_div(a.size[2], a.dilation[2]);
-  return na_lanes_applies(a) && rank >= 2 && n2 >= 4 * a.kernel[2];
 }
 
 #define TF_DECLARE_WINDOW_DIRECT(ns)                                                        \
