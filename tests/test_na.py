@@ -190,6 +190,38 @@ def test_lane_forward_matches_tile_loop(case, cpu_isa, monkeypatch):
         assert (g - rg).abs().max().item() < 1e-9
 
 
+NAN_CASES = [  # (id, TILEFUSE_NA_LANES, op on q, k, v)
+    ("sliding-lanes", "1", lambda q, k, v, R_=False: (R.na if R_ else tilefuse.na2d)(q, k, v, (5, 7))),
+    ("sliding-tile-loop", "0", lambda q, k, v, R_=False: (R.na if R_ else tilefuse.na2d)(q, k, v, (5, 7))),
+    ("strided", "1", lambda q, k, v, R_=False: (R.na if R_ else tilefuse.na2d)(q, k, v, (5, 7), stride=(1, 3))),
+    ("blocked", "1", lambda q, k, v, R_=False: (R.na if R_ else tilefuse.na2d)(q, k, v, 4, stride=4)),
+    ("swin-shift", "1", lambda q, k, v, R_=False: (R.window_attention if R_ else tilefuse.window_attention)(
+        q, k, v, (5, 7), (2, 3))),
+]
+
+
+@pytest.mark.parametrize("case", NAN_CASES, ids=[c[0] for c in NAN_CASES])
+def test_nan_key_reaches_only_its_window(case, cpu_isa, monkeypatch):
+    """Documented IEEE behaviour (as for tilefuse.attention): a NaN key poisons exactly the
+    queries that see it; every other output equals the reference. The key sits at a border
+    column, where lane border blocks, tile-loop tiles and shifted Swin windows all compute
+    logits of keys that some of their queries do not see."""
+    _, lanes, op = case
+    monkeypatch.setenv("TILEFUSE_NA_LANES", lanes)
+    shape = (20, 21)
+    q, k, v = _inputs(shape, 2, 2, 16, 16)
+    ref = op(q.double(), k.double(), v.double(), True)
+    k2 = k.clone()
+    k2[0, 0, shape[1] - 1, 1] *= 2  # which outputs depend on key (0, last) of head 1
+    sees = (op(q.double(), k2.double(), v.double(), True) - ref)[0, ..., 1, :].abs().amax(-1) > 0
+    k[0, 0, shape[1] - 1, 1, 3] = float("nan")
+    out = op(q, k, v)
+    nan_rows = torch.isnan(out).any(-1)
+    assert sees.any() and not sees.all()
+    assert torch.equal(nan_rows[0, ..., 1], sees) and not nan_rows[0, ..., 0].any()
+    assert (out.double() - ref)[~nan_rows].abs().max().item() < 2e-5
+
+
 @pytest.mark.skipif(tilefuse.cpu_isa() != "cpu-avx2", reason="this CPU has only the generic tier")
 def test_tiers_agree():
     q, k, v = _inputs((16, 16), 2, 2, 32, 32)

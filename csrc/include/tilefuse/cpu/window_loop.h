@@ -235,6 +235,14 @@ void add_tile(T* S, const T* tile, index_t qm, index_t kn16) {
       storev(S + i * BK + j, loadv(S + i * BK + j) + loadv(tile + i * BK + j));
 }
 
+/// s + t where the mask + bias tile t is finite, -inf where it masks: a select rather than an
+/// add, so that a NaN logit of a key the query does not see (a NaN in that key) stays out of
+/// the row (NaN + -inf is NaN).
+template <class T>
+inline vec_t<T> add_mask(vec_t<T> s, vec_t<T> t) {
+  return t == splatv<T>(kNegInf<T>) ? t : s + t;
+}
+
 /// Everything the mask and bias of a tile pair depend on: per axis the extents, the key box's
 /// offset from the query box (bias: key - query) and each query coordinate's window clipped to
 /// the key box (relative).
@@ -346,7 +354,7 @@ void window_mask_tile_cached(const WindowMask& m, index_t b, const Box& qb, cons
   for (index_t i = 0; i < qm; ++i) {
     T* row = S + i * BK;
     const T* t = tile + i * e.ld;
-    for (index_t j = 0; j < kn16; j += W) storev(row + j, loadv(row + j) + loadv(t + j));
+    for (index_t j = 0; j < kn16; j += W) storev(row + j, add_mask<T>(loadv(row + j), loadv(t + j)));
   }
 }
 
@@ -722,55 +730,6 @@ inline void window_tokens(const WindowMask::Args& args, index_t nb, index_t nq, 
 }
 
 
-/// Softmax of one single-block logits tile in place: S += tile (mask + bias), P = exp2(S -
-/// rowmax); l = row sums, mx = row maxima (-inf and l = 0 for rows without a visible key).
-template <class T>
-void single_softmax(T* S, const T* tile, index_t qm, index_t ld, T* l, T* mx) {
-  constexpr int W = VecTraits<T>::W;
-  for (index_t i = 0; i < qm; ++i) {  // S += mask/bias tile, row maxima
-    T* row = S + i * ld;
-    const T* t = tile + i * ld;
-    vec_t<T> mv = splatv(kNegInf<T>);
-    for (index_t j = 0; j < ld; j += W) {
-      const vec_t<T> v = loadv(row + j) + loadv(t + j);
-      storev(row + j, v);
-      mv = vmax<T>(mv, v);
-    }
-    mx[i] = hmax<T>(mv);
-  }
-  // exp2 of two rows per step: the polynomial is one long dependency chain per vector, and
-  // two independent rows keep both FMA pipes busy.
-  index_t i = 0;
-  for (; i + 2 <= qm; i += 2) {
-    T *r0 = S + i * ld, *r1 = r0 + ld;
-    const T m0 = mx[i] == kNegInf<T> ? T(0) : mx[i];
-    const T m1 = mx[i + 1] == kNegInf<T> ? T(0) : mx[i + 1];
-    vec_t<T> s0{}, s1{};
-    for (index_t j = 0; j < ld; j += W) {
-      const vec_t<T> e0 = exp2v_nonpos(loadv(r0 + j) - m0);
-      const vec_t<T> e1 = exp2v_nonpos(loadv(r1 + j) - m1);
-      storev(r0 + j, e0);
-      storev(r1 + j, e1);
-      s0 += e0;
-      s1 += e1;
-    }
-    l[i] = hsum<T>(s0);
-    l[i + 1] = hsum<T>(s1);
-  }
-  for (; i < qm; ++i) {
-    T* r0 = S + i * ld;
-    const T m0 = mx[i] == kNegInf<T> ? T(0) : mx[i];
-    vec_t<T> s0{};
-    for (index_t j = 0; j < ld; j += W) {
-      const vec_t<T> e0 = exp2v_nonpos(loadv(r0 + j) - m0);
-      storev(r0 + j, e0);
-      s0 += e0;
-    }
-    l[i] = hsum<T>(s0);
-  }
-  // A row without a visible key is all -inf: exp2 gives exact zeros (P = 0, l = 0).
-}
-
 /// One window (query tile qt of sequence b), every head.
 template <class T>
 void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
@@ -829,7 +788,7 @@ void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
 #pragma GCC unroll 2
                             for (int v = 0; v < NV; ++v) {
                               const index_t o = (i0 + i) * ld + j + v * W;
-                              const vec_t<T> y = acc[i][v] * c2 + loadv(tile + o);
+                              const vec_t<T> y = add_mask<T>(acc[i][v] * c2, loadv(tile + o));
                               storev(S + o, y);
                               mxv[i] = vmax<T>(mxv[i], y);
                             }
