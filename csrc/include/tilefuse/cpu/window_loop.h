@@ -729,7 +729,6 @@ inline void window_tokens(const WindowMask::Args& args, index_t nb, index_t nq, 
   kn = box_tokens(m, m.key_union(qb), nktok);
 }
 
-
 /// One window (query tile qt of sequence b), every head.
 template <class T>
 void single_fwd_tile(const AttentionParams<T>& p, const WindowMask::Args& args,
