@@ -362,11 +362,9 @@ void lanes_item(const AttentionParams<T>& p, const WindowMask& m, const WindowEx
           const T* br = bias_h + s.krel[r][tt] * x.R[2] + (olo + k2 - 1);
           for (index_t j = 0; j < nj; ++j) storev(st + j * W, loadv(st + j * W) + br[j]);
         }
-        if (masked)  // a select, not an add: a NaN logit of an unseen key must not leak
-          for (index_t j = 0; j < nj; ++j) {
-            const vec_t<T> mk = loadv(s.mask.data() + j * W);
-            storev(st + j * W, mk < vec_t<T>{} ? mk : loadv(st + j * W));
-          }
+        if (masked)  // add_mask selects: a NaN logit of an unseen key must not leak
+          for (index_t j = 0; j < nj; ++j)
+            storev(st + j * W, add_mask<T>(loadv(st + j * W), loadv(s.mask.data() + j * W)));
       }
       // Softmax over the window (four independent maxima and sums: one chain would wait on
       // each add's latency).
