@@ -190,13 +190,17 @@ def test_lane_forward_matches_tile_loop(case, cpu_isa, monkeypatch):
         assert (g - rg).abs().max().item() < 1e-9
 
 
+def _op_and_ref(op, ref, *args, **kwargs):
+    """op(q, k, v, *args, **kwargs), or the float64 reference with reference=True."""
+    return lambda q, k, v, reference=False: (ref if reference else op)(q, k, v, *args, **kwargs)
+
+
 NAN_CASES = [  # (id, TILEFUSE_NA_LANES, op on q, k, v)
-    ("sliding-lanes", "1", lambda q, k, v, R_=False: (R.na if R_ else tilefuse.na2d)(q, k, v, (5, 7))),
-    ("sliding-tile-loop", "0", lambda q, k, v, R_=False: (R.na if R_ else tilefuse.na2d)(q, k, v, (5, 7))),
-    ("strided", "1", lambda q, k, v, R_=False: (R.na if R_ else tilefuse.na2d)(q, k, v, (5, 7), stride=(1, 3))),
-    ("blocked", "1", lambda q, k, v, R_=False: (R.na if R_ else tilefuse.na2d)(q, k, v, 4, stride=4)),
-    ("swin-shift", "1", lambda q, k, v, R_=False: (R.window_attention if R_ else tilefuse.window_attention)(
-        q, k, v, (5, 7), (2, 3))),
+    ("sliding-lanes", "1", _op_and_ref(tilefuse.na2d, R.na, (5, 7))),
+    ("sliding-tile-loop", "0", _op_and_ref(tilefuse.na2d, R.na, (5, 7))),
+    ("strided", "1", _op_and_ref(tilefuse.na2d, R.na, (5, 7), stride=(1, 3))),
+    ("blocked", "1", _op_and_ref(tilefuse.na2d, R.na, 4, stride=4)),
+    ("swin-shift", "1", _op_and_ref(tilefuse.window_attention, R.window_attention, (5, 7), (2, 3))),
 ]
 
 
@@ -210,10 +214,10 @@ def test_nan_key_reaches_only_its_window(case, cpu_isa, monkeypatch):
     monkeypatch.setenv("TILEFUSE_NA_LANES", lanes)
     shape = (20, 21)
     q, k, v = _inputs(shape, 2, 2, 16, 16)
-    ref = op(q.double(), k.double(), v.double(), True)
+    ref = op(q.double(), k.double(), v.double(), reference=True)
     k2 = k.clone()
     k2[0, 0, shape[1] - 1, 1] *= 2  # which outputs depend on key (0, last) of head 1
-    sees = (op(q.double(), k2.double(), v.double(), True) - ref)[0, ..., 1, :].abs().amax(-1) > 0
+    sees = (op(q.double(), k2.double(), v.double(), reference=True) - ref)[0, ..., 1, :].abs().amax(-1) > 0
     k[0, 0, shape[1] - 1, 1, 3] = float("nan")
     out = op(q, k, v)
     nan_rows = torch.isnan(out).any(-1)
